@@ -1,0 +1,74 @@
+"""The decode loop: prefill the prompt into a KV cache, then one token per step.
+
+The engine owns the cache (``model.new_cache``) and the growing attention mask; left-padded
+batches work because the model derives positions from the mask. Finished rows (EOS seen) keep
+emitting the pad token, as transformers does, so the output stays one rectangular tensor.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lmzoo.errors import LmzooError
+from lmzoo.generate.sampling import LogitsProcessor, choose, process_logits
+
+
+def _eos_set(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+
+
+@torch.inference_mode()
+def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+           max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+           top_p: float | None = None, repetition_penalty: float | None = None, eos_token_id=None,
+           pad_token_id: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield the (B,) next-token ids one step at a time (pad for rows that already finished)."""
+    proc = LogitsProcessor(do_sample, temperature, top_k, top_p, repetition_penalty)
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    B, T = input_ids.shape
+    if T == 0:
+        raise LmzooError("generate: the prompt is empty; give at least one token")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    limit = getattr(model, "max_positions", None)
+    if limit is not None and T + max_new_tokens > limit:
+        raise LmzooError(f"generate: prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"context of {limit} tokens")
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).long()
+    eos = torch.tensor(_eos_set(eos_token_id), device=device, dtype=torch.long)
+    pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    cache = model.new_cache(B, T + max_new_tokens)
+    seen = input_ids
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    step_ids, step_mask = input_ids, mask
+    for _ in range(max_new_tokens):
+        logits = model(step_ids, attention_mask=step_mask if not bool(mask.all()) else None, cache=cache).logits
+        logits = process_logits(logits[:, -1].float(), seen, proc)
+        nxt = choose(logits, proc, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        yield nxt
+        if len(eos):
+            done |= torch.isin(nxt, eos)
+        seen = torch.cat([seen, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_ids, step_mask = nxt[:, None], mask
+        if bool(done.all()):
+            return
+
+
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
+    """Prompt followed by the new tokens, (B, T + n_new), like ``transformers.generate``."""
+    if input_ids.ndim == 1:
+        input_ids = input_ids[None]
+    steps = list(stream(model, input_ids, attention_mask, **kw))
+    if not steps:
+        return input_ids
+    return torch.cat([input_ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)

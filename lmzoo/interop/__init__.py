@@ -1,0 +1,1 @@
+"""Checkpoint interop: Hugging Face layout directories in and out, safetensors only."""

@@ -1,0 +1,135 @@
+"""``lmzoo.load`` / ``lmzoo.save`` / ``lmzoo.build``: Hugging Face-layout directories and presets.
+
+load: config.json -> family (registry) -> config -> model built on the meta device -> tensors
+converted by the family's key map, checked against the model's shapes, and assigned (no second
+copy, no random init of weights that are about to be overwritten).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.interop.safetensors_io import LazyState, write_directory
+from lmzoo.models.registry import Family, family_for_hf, get_family, get_preset
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def as_dtype(d) -> torch.dtype:
+    if isinstance(d, torch.dtype):
+        return d
+    if str(d).replace("torch.", "") not in DTYPES:
+        raise ConfigError(f"unknown dtype '{d}'; known: {sorted(DTYPES)}")
+    return DTYPES[str(d).replace("torch.", "")]
+
+
+def read_hf_config(directory: str | Path) -> dict:
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: not a directory (expected a Hugging Face-layout checkpoint)")
+    if not path.exists():
+        raise CheckpointError(f"{path}: missing; a checkpoint directory needs a config.json")
+    try:
+        hf = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return hf
+
+
+def _family_of(model: nn.Module) -> Family:
+    return get_family(type(model.config).family)
+
+
+def build(config_or_preset, *, device=None, dtype=None) -> nn.Module:
+    """A model from a config object or a preset name (``device='meta'`` allocates nothing)."""
+    if isinstance(config_or_preset, str):
+        fam, cfg = get_preset(config_or_preset)
+    else:
+        cfg = config_or_preset
+        fam = get_family(type(cfg).family)
+    with torch.device(device or "cpu"):
+        model = fam.build(cfg)
+    if dtype is not None:
+        model = model.to(as_dtype(dtype))
+    return model
+
+
+def _empty_model(fam: Family, cfg) -> nn.Module:
+    """Parameters on meta (no memory, no init), computed buffers on the CPU."""
+    with torch.device("meta"):
+        model = fam.build(cfg)
+    with torch.device("cpu"):
+        reference = {n: b for n, b in _buffers_only(fam, cfg)}
+    for name, buf in model.named_buffers():
+        if buf.is_meta:
+            mod_name, _, attr = name.rpartition(".")
+            model.get_submodule(mod_name).register_buffer(attr, reference[name], persistent=False)
+    return model
+
+
+def _buffers_only(fam: Family, cfg):
+    # A 1-layer copy of the model on the CPU gives the computed buffers their real values cheaply.
+    small = fam.build(cfg.replace(n_layers=1, vocab_size=1))
+    return small.named_buffers()
+
+
+def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None = None) -> nn.Module:
+    """Load a Hugging Face-layout directory (config.json + safetensors, single or sharded)."""
+    directory = Path(path)
+    hf = read_hf_config(directory)
+    fam = family_for_hf(hf, str(directory / "config.json"))
+    cfg = fam.config_cls.from_hf(hf, source=str(directory / "config.json"))
+    if attn_kernel:
+        cfg.attn_kernel = attn_kernel
+    state = LazyState(directory)
+    model = _empty_model(fam, cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        expected.pop("lm_head.weight", None)
+    converted = fam.keymap(cfg, hf).to_lmzoo(state, expected, source=str(directory),
+                                            where=lambda k: str(state.file_of(k)))
+    target = as_dtype(dtype) if dtype is not None else as_dtype(cfg.dtype)
+    converted = {k: v.to(target) for k, v in converted.items()}
+    model.load_state_dict(converted, strict=not cfg.tie_embeddings, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    cfg.dtype = str(target).replace("torch.", "")
+    model = model.to(device or "cpu")
+    return model.eval()
+
+
+def state_for_hf(model: nn.Module) -> dict[str, torch.Tensor]:
+    fam = _family_of(model)
+    state = model.state_dict()
+    return fam.keymap(model.config).to_hf(state)
+
+
+def save(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB") -> Path:
+    """Write ``model`` as a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+    fam = _family_of(model)
+    cfg = model.config
+    tensors = state_for_hf(model)
+    dtype = next(iter(tensors.values())).dtype
+    hf = cfg.to_hf()
+    hf["dtype"] = str(dtype).replace("torch.", "")
+    hf.setdefault("architectures", [fam.hf_architecture])
+    return write_directory(path, tensors, {"config.json": json.dumps(hf, indent=2, sort_keys=True) + "\n"},
+                           max_shard_bytes=parse_size(max_shard_size))
+
+
+def parse_size(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3), ("GIB", 2**30), ("MIB", 2**20)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)

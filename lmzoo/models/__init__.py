@@ -1,0 +1,1 @@
+"""Model families, each in its own folder; ``registry`` is the only place they are listed."""

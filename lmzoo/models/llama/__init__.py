@@ -1,0 +1,12 @@
+"""LLaMA-2 and LLaMA-3."""
+
+from lmzoo.models.llama.config import PRESETS, LlamaConfig
+from lmzoo.models.llama.convert import keymap
+from lmzoo.models.llama.model import build
+from lmzoo.models.registry import Family
+
+FAMILY = Family(
+    name="llama", shape="causal decoder", config_cls=LlamaConfig, build=build, keymap=keymap,
+    claims=lambda hf: hf.get("model_type") == "llama", hf_architecture="LlamaForCausalLM", presets=PRESETS,
+    description="RoPE, RMSNorm, SwiGLU, GQA",
+)

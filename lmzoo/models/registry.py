@@ -1,0 +1,67 @@
+"""Model families by name: the one place the families are listed.
+
+Each family's package exposes ``FAMILY``, a ``Family`` record that says how to build it from its
+config, how to map its checkpoint keys, which Hugging Face configs it claims, and its presets.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from lmzoo.errors import ConfigError
+
+FAMILY_MODULES = ["llama"]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    shape: str  # "causal decoder" | "prefix decoder" | "encoder-decoder" | "encoder"
+    config_cls: type
+    build: Callable[..., nn.Module]
+    keymap: Callable  # (config, hf_config: dict | None) -> KeyMap
+    claims: Callable[[dict], bool]  # does this Hugging Face config.json belong to the family?
+    hf_architecture: str
+    presets: dict = field(default_factory=dict)
+    description: str = ""
+
+
+_cache: dict[str, Family] = {}
+
+
+def families() -> dict[str, Family]:
+    if not _cache:
+        for m in FAMILY_MODULES:
+            fam = importlib.import_module(f"lmzoo.models.{m}").FAMILY
+            _cache[fam.name] = fam
+    return _cache
+
+
+def get_family(name: str) -> Family:
+    fams = families()
+    if name not in fams:
+        raise ConfigError(f"unknown model family '{name}'; known: {sorted(fams)}")
+    return fams[name]
+
+
+def family_for_hf(hf: dict, source: str = "config.json") -> Family:
+    for fam in families().values():
+        if fam.claims(hf):
+            return fam
+    raise ConfigError(f"{source}: model_type '{hf.get('model_type')}' is not a family lmzoo knows; "
+                      f"known families: {sorted(families())}")
+
+
+def presets() -> dict[str, tuple[Family, object]]:
+    return {name: (fam, cfg) for fam in families().values() for name, cfg in fam.presets.items()}
+
+
+def get_preset(name: str):
+    p = presets()
+    if name not in p:
+        raise ConfigError(f"unknown preset '{name}'; known: {sorted(p)}")
+    return p[name]

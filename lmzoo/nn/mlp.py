@@ -1,0 +1,70 @@
+"""Feed-forward blocks: the plain two-layer MLP (GPT-2, Bloom, BERT) and gated MLPs (SwiGLU, GeGLU).
+
+Plain:  down(act(up(x)))
+Gated:  down(act(gate(x)) * up(x))   (Shazeer 2020, "GLU Variants Improve Transformer")
+SwiGLU uses SiLU as the gate's activation (LLaMA, ChatGLM2), GeGLU uses GeLU (GLM-130B, T5 v1.1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    # "gelu_new" (GPT-2) and Bloom's gelu: the tanh approximation of Hendrycks & Gimpel.
+    return F.gelu(x, approximate="tanh")
+
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_new": _gelu_tanh,
+    "gelu_tanh": _gelu_tanh,
+    "gelu_pytorch_tanh": _gelu_tanh,
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; known: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+    """down(act(up(x))): the classic transformer feed-forward."""
+
+    def __init__(self, d_model: int, d_ff: int, act: str = "gelu", bias: bool = True):
+        super().__init__()
+        self.act_name = act
+        self.act = activation(act)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.up_proj(x)))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): SwiGLU with act='silu', GeGLU with act='gelu'."""
+
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.act_name = act
+        self.act = activation(act)
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+    @property
+    def kind(self) -> str:
+        return {"silu": "SwiGLU", "swish": "SwiGLU", "gelu": "GeGLU"}.get(self.act_name, f"{self.act_name}-GLU")
