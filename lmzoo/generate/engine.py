@@ -36,7 +36,7 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         raise LmzooError("generate: the prompt is empty; give at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = getattr(model, "max_positions", None)
+    limit = getattr(model.config, "max_positions", None)  # the context the model was trained for
     if limit is not None and T + max_new_tokens > limit:
         raise LmzooError(f"generate: prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"context of {limit} tokens")

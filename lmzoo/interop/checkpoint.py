@@ -95,7 +95,7 @@ def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None =
     if cfg.tie_embeddings:
         expected.pop("lm_head.weight", None)
     converted = fam.keymap(cfg, hf).to_lmzoo(state, expected, source=str(directory),
-                                            where=lambda k: str(state.file_of(k)))
+                                            where=lambda k: str(state.file_of(k)) if k in state else str(directory))
     target = as_dtype(dtype) if dtype is not None else as_dtype(cfg.dtype)
     converted = {k: v.to(target) for k, v in converted.items()}
     model.load_state_dict(converted, strict=not cfg.tie_embeddings, assign=True)

@@ -48,11 +48,39 @@ def split_rows(hf: str, ours: Sequence[str], sizes: Callable[[], Sequence[int]])
                 lambda ts: [torch.cat(ts, 0)])
 
 
+class _Prefixed(Mapping):
+    """A prefix-less state seen under prefixed names: ``prefix + key`` -> ``src[key]``."""
+
+    def __init__(self, src: Mapping[str, torch.Tensor], prefix: str):
+        self.src, self.alias = src, {prefix + k: k for k in src.keys()}
+
+    def __getitem__(self, key):
+        return self.src[self.alias[key]]
+
+    def __contains__(self, key):
+        return key in self.alias
+
+    def __iter__(self):
+        return iter(self.alias)
+
+    def __len__(self):
+        return len(self.alias)
+
+
+def _with_prefix(src: Mapping[str, torch.Tensor], prefix: str) -> Mapping[str, torch.Tensor]:
+    if not prefix or any(k.startswith(prefix) for k in src.keys()):
+        return src
+    return _Prefixed(src, prefix)
+
+
 @dataclass
 class KeyMap:
     rules: list[Rule]
     n_layers: int
     ignore: list[str] = field(default_factory=list)  # regexes of HF keys that carry nothing (buffers)
+    # Checkpoints saved from the bare model (GPT2Model, BloomModel, OpenAI's and BigScience's releases)
+    # lack the head class's key prefix ("transformer."); with this set, both spellings load.
+    optional_prefix: str = ""
 
     def expanded(self) -> list[Rule]:
         out = []
@@ -66,6 +94,7 @@ class KeyMap:
     def to_lmzoo(self, src: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size] | None = None,
                  source: str = "checkpoint", where: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
         where = where or (lambda k: source)
+        src = _with_prefix(src, self.optional_prefix)
         rules = self.expanded()
         missing = [k for r in rules for k in r.hf if k not in src]
         if missing:

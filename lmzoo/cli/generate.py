@@ -1,0 +1,75 @@
+"""Generate from a checkpoint directory or a preset, streaming tokens as they come.
+
+With a directory that holds a tokenizer.json, --prompt takes text; otherwise give --ids.
+Examples:
+  lmzoo generate --model path/to/llama --prompt "The capital of France is" --max-new-tokens 20
+  lmzoo generate --model llama2-7b --ids "1 450 7483" --max-new-tokens 5   # random weights
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+import lmzoo
+from lmzoo.cli.common import add_model_argument, resolve_model
+from lmzoo.errors import LmzooError
+
+HELP = "generate text or token ids with the KV cache (greedy or sampled, streamed)"
+
+
+def add_arguments(p) -> None:
+    add_model_argument(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    src.add_argument("--ids", help="prompt as space-separated token ids")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+
+
+def _tokenizer(model_spec: str):
+    path = Path(model_spec) / "tokenizer.json"
+    if not path.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(path))
+
+
+def run(args) -> int:
+    model = resolve_model(args.model, args.dtype, args.seed)
+    tok = _tokenizer(args.model) if Path(args.model).is_dir() else None
+    if args.prompt is not None:
+        if tok is None:
+            raise LmzooError(f"--prompt needs a tokenizer.json in the model directory ('{args.model}'); "
+                             "pass token ids with --ids instead")
+        ids = tok.encode(args.prompt, add_special_tokens=False).ids
+    else:
+        try:
+            ids = [int(t) for t in args.ids.replace(",", " ").split()]
+        except ValueError as e:
+            raise LmzooError(f"--ids must be integers separated by spaces: {e}") from e
+    vocab = model.config.vocab_size
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise LmzooError(f"token ids {bad[:5]} are outside the model's vocabulary of {vocab}")
+    gen = torch.Generator().manual_seed(args.seed)
+    out = []
+    for nxt in lmzoo.stream(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            repetition_penalty=args.repetition_penalty, eos_token_id=model.config.eos_token_id,
+                            generator=gen):
+        t = int(nxt[0])
+        out.append(t)
+        sys.stdout.write(tok.decode([t]) if tok is not None else f"{t} ")
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0

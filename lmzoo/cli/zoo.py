@@ -1,0 +1,92 @@
+"""Print the architecture table of the seed notes, computed from the registry.
+
+Every cell is read off a model built on the meta device (no memory is allocated, so a 176B
+preset costs nothing): position encoding, activation, norm and its placement, attention kind,
+parameter count and KV-cache bytes per token.
+"""
+
+from __future__ import annotations
+
+import json
+
+from lmzoo.interop.checkpoint import as_dtype, build
+from lmzoo.models.registry import families
+from lmzoo.nn.kv_cache import kv_bytes_per_token
+from lmzoo.nn.mlp import GatedMLP
+
+HELP = "print the architecture table (family, shape, positions, activation, norm, attention, size, KV cache)"
+
+
+def describe(name: str, fam, cfg, dtype_bytes: int = 2) -> dict:
+    model = build(cfg, device="meta")
+    layer = model.layers[0]
+    if model.rope is not None:
+        r = model.rope
+        pos = "RoPE" + (f" {r.cfg.rotary_fraction:g} of head" if r.cfg.rotary_fraction != 1 else "") + \
+              (" interleaved" if r.cfg.interleaved else "") + \
+              (f" +{r.cfg.scaling_type}" if r.cfg.scaling_type != "default" else "")
+    elif model.alibi is not None:
+        pos = "ALiBi"
+    elif model.positions is not None:
+        pos = "learned absolute"
+    else:
+        pos = "none"
+    mlp = layer.mlp
+    act = mlp.kind if isinstance(mlp, GatedMLP) else f"{mlp.act_name} MLP"
+    norm = f"{type(layer.attn_norm).__name__} ({layer.placement}-norm)"
+    if model.embed_norm is not None:
+        norm += " + embedding norm"
+    a = layer.attn
+    return {
+        "preset": name, "family": fam.name, "shape": fam.shape, "position": pos, "activation": act, "norm": norm,
+        "attention": f"{a.kind} ({a.n_heads}q/{a.n_kv_heads}kv)", "layers": len(model.layers),
+        "d_model": cfg.d_model, "params": model.num_parameters(),
+        "kv_bytes_per_token": kv_bytes_per_token(len(model.layers), a.n_kv_heads, a.head_dim, dtype_bytes),
+    }
+
+
+def human(n: float, unit: str = "") -> str:
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= scale:
+            return f"{n / scale:.2f}{suffix}{unit}"
+    return f"{n:g}{unit}"
+
+
+def human_bytes(n: int) -> str:
+    for scale, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= scale:
+            return f"{n / scale:.1f} {suffix}"
+    return f"{n} B"
+
+
+def table(rows: list[dict], dtype: str) -> str:
+    head = ["preset", "family", "shape", "position", "activation", "norm", "attention", "params",
+            f"KV cache/token ({dtype})"]
+    body = [[r["preset"], r["family"], r["shape"], r["position"], r["activation"], r["norm"], r["attention"],
+             human(r["params"]), human_bytes(r["kv_bytes_per_token"])] for r in rows]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(map(str, b)) + " |" for b in body]
+    return "\n".join(lines)
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--family", action="append", help="only these families (repeatable)")
+    p.add_argument("--dtype", default="bf16", help="dtype of the KV-cache column (default bf16)")
+    p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+
+
+def rows(family_filter=None, dtype: str = "bf16") -> list[dict]:
+    nbytes = as_dtype(dtype).itemsize
+    out = []
+    for fam in families().values():
+        if family_filter and fam.name not in family_filter:
+            continue
+        for name, cfg in fam.presets.items():
+            out.append(describe(name, fam, cfg, nbytes))
+    return out
+
+
+def run(args) -> int:
+    r = rows(args.family, args.dtype)
+    print(json.dumps(r, indent=2) if args.json else table(r, args.dtype))
+    return 0
