@@ -14,7 +14,7 @@ from torch import nn
 
 from lmzoo.errors import ConfigError
 
-FAMILY_MODULES = ["llama"]
+FAMILY_MODULES = ["gpt2", "llama", "bloom", "chatglm2"]
 
 
 @dataclass(frozen=True)

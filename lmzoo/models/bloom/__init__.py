@@ -1,0 +1,12 @@
+"""Bloom (BigScience): ALiBi, an embedding LayerNorm, GeLU MLP."""
+
+from lmzoo.models.bloom.config import PRESETS, BloomConfig
+from lmzoo.models.bloom.convert import keymap
+from lmzoo.models.bloom.model import build
+from lmzoo.models.registry import Family
+
+FAMILY = Family(
+    name="bloom", shape="causal decoder", config_cls=BloomConfig, build=build, keymap=keymap,
+    claims=lambda hf: hf.get("model_type") == "bloom", hf_architecture="BloomForCausalLM", presets=PRESETS,
+    description="ALiBi, embedding LayerNorm, tanh-GeLU MLP, per-head fused QKV",
+)

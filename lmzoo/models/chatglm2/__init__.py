@@ -1,0 +1,12 @@
+"""ChatGLM2, ChatGLM3 and GLM-4 (9B): from transformers' GlmForCausalLM or THUDM's own release."""
+
+from lmzoo.models.chatglm2.config import PRESETS, ChatGLM2Config, claims
+from lmzoo.models.chatglm2.convert import keymap
+from lmzoo.models.chatglm2.model import build
+from lmzoo.models.registry import Family
+
+FAMILY = Family(
+    name="chatglm2", shape="causal decoder", config_cls=ChatGLM2Config, build=build, keymap=keymap,
+    claims=claims, hf_architecture="GlmForCausalLM", presets=PRESETS,
+    description="partial interleaved RoPE, RMSNorm, SwiGLU, GQA (2 groups), q/k/v bias",
+)

@@ -1,0 +1,12 @@
+"""GPT-2 (OpenAI 2019): learned positions, pre-LayerNorm, GeLU MLP, tied head."""
+
+from lmzoo.models.gpt2.config import PRESETS, GPT2Config
+from lmzoo.models.gpt2.convert import keymap
+from lmzoo.models.gpt2.model import build
+from lmzoo.models.registry import Family
+
+FAMILY = Family(
+    name="gpt2", shape="causal decoder", config_cls=GPT2Config, build=build, keymap=keymap,
+    claims=lambda hf: hf.get("model_type") == "gpt2", hf_architecture="GPT2LMHeadModel", presets=PRESETS,
+    description="learned positions, LayerNorm, GeLU MLP, tied head",
+)
