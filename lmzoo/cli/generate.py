@@ -44,13 +44,33 @@ def _tokenizer(model_spec: str):
     return Tokenizer.from_file(str(path))
 
 
+class TextStream:
+    """Prints decoded text as ids arrive, holding back a character split across byte-level tokens."""
+
+    def __init__(self, tok):
+        self.tok, self.ids, self.shown = tok, [], ""
+
+    def add(self, t: int) -> str:
+        self.ids.append(t)
+        text = self.tok.decode(self.ids)
+        return "" if text.endswith("\ufffd") else self._take(text)  # U+FFFD: a character not complete yet
+
+    def flush(self) -> str:
+        """Whatever is still held back once generation ends (invalid bytes stay visible as U+FFFD)."""
+        return self._take(self.tok.decode(self.ids))
+
+    def _take(self, text: str) -> str:
+        new, self.shown = text[len(self.shown):], text
+        return new
+
+
 def run(args) -> int:
-    model = resolve_model(args.model, args.dtype, args.seed)
     tok = _tokenizer(args.model) if Path(args.model).is_dir() else None
+    if args.prompt is not None and tok is None:
+        raise LmzooError(f"--prompt needs a tokenizer.json in the model directory ('{args.model}'); "
+                         "pass token ids with --ids instead")
+    model = resolve_model(args.model, args.dtype, args.seed)
     if args.prompt is not None:
-        if tok is None:
-            raise LmzooError(f"--prompt needs a tokenizer.json in the model directory ('{args.model}'); "
-                             "pass token ids with --ids instead")
         ids = tok.encode(args.prompt, add_special_tokens=False).ids
     else:
         try:
@@ -62,14 +82,13 @@ def run(args) -> int:
     if bad:
         raise LmzooError(f"token ids {bad[:5]} are outside the model's vocabulary of {vocab}")
     gen = torch.Generator().manual_seed(args.seed)
-    out = []
+    text = TextStream(tok) if tok is not None else None
     for nxt in lmzoo.stream(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, eos_token_id=model.config.eos_token_id,
                             generator=gen):
         t = int(nxt[0])
-        out.append(t)
-        sys.stdout.write(tok.decode([t]) if tok is not None else f"{t} ")
+        sys.stdout.write(text.add(t) if text is not None else f"{t} ")
         sys.stdout.flush()
-    sys.stdout.write("\n")
+    sys.stdout.write((text.flush() if text is not None else "") + "\n")
     return 0

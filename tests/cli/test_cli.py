@@ -63,3 +63,28 @@ def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "lmzoo.cli.main", "zoo", "--family", "llama"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "llama2-70b" in r.stdout
+
+
+def test_generate_with_text_prompt_and_tokenizer_json(tmp_path, capsys):
+    """--prompt goes through the directory's tokenizer.json; Chinese text included."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+
+    from lmzoo.models.llama.config import LlamaConfig
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(["床前明月光，疑是地上霜。", "hello world, hello lmzoo"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    torch.manual_seed(0)
+    model = lmzoo.build(LlamaConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=1, n_heads=4, d_ff=48,
+                                    max_positions=64))
+    path = lmzoo.save(model, tmp_path / "m")
+    tok.save(str(path / "tokenizer.json"))
+    assert main(["generate", "--model", str(path), "--prompt", "床前明月光", "--max-new-tokens", "6"]) == 0
+    text = capsys.readouterr().out
+    ids = tok.encode("床前明月光").ids
+    ref = lmzoo.generate(model, torch.tensor([ids]), max_new_tokens=6)[0, len(ids):].tolist()
+    assert text.rstrip("\n") == tok.decode(ref)
+    assert main(["generate", "--model", "gpt2", "--prompt", "hi"]) == 1  # a preset has no tokenizer
+    assert "--ids" in capsys.readouterr().err
