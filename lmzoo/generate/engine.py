@@ -50,7 +50,8 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_mask = input_ids, mask
     for _ in range(max_new_tokens):
-        logits = model(step_ids, attention_mask=step_mask if not bool(mask.all()) else None, cache=cache).logits
+        logits = model(step_ids, attention_mask=step_mask if not bool(mask.all()) else None, cache=cache,
+                       logits_to_keep=1).logits
         logits = process_logits(logits[:, -1].float(), seen, proc)
         nxt = choose(logits, proc, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)

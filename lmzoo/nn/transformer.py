@@ -48,10 +48,14 @@ class CausalLMOutput:
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross-entropy: logits at t predict labels at t+1; ``ignore_index`` is skipped."""
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-    return F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index)
+    """Next-token cross-entropy: logits at t predict labels at t+1; ``ignore_index`` is skipped.
+
+    The labels are shifted, not the logits: slicing (B, T, V) logits would copy all of them (and
+    make a full-size zero gradient in backward); the last position gets ``ignore_index`` instead.
+    """
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index).to(logits.device)  # (B, T)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), shift_labels.reshape(-1),
+                           ignore_index=ignore_index)
 
 
 class DecoderLM(nn.Module):
@@ -112,7 +116,10 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
+                cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> CausalLMOutput:
+        """``logits_to_keep=n`` computes the head for the last n positions only (0 = all); the
+        generation engine passes 1, since a prefill needs only the next token's logits."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
@@ -132,7 +139,7 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.commit()
         x = self.final_norm(x)
-        logits = self.lm_head(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return CausalLMOutput(logits=logits, loss=loss, hidden_states=x)
 
