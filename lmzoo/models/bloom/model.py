@@ -31,7 +31,8 @@ def build(cfg: BloomConfig) -> DecoderLM:
         )
         for _ in range(cfg.n_layers)
     ]
-    # No max_positions: ALiBi extrapolates, so the model refuses no length (cfg.max_positions only
-    # sizes caches). The core builds the bias from positions that skip left padding.
+    # No max_positions: ALiBi extrapolates, so a forward refuses no length; generate still keeps to
+    # cfg.max_positions (seq_length, the trained context). The core builds the bias from positions
+    # that skip left padding.
     return DecoderLM(cfg, embed=nn.Embedding(cfg.vocab_size, d), layers=layers, final_norm=LayerNorm(d, eps=eps),
                      alibi=ALiBi(cfg.n_heads), embed_norm=LayerNorm(d, eps=eps), tie_embeddings=cfg.tie_embeddings)
