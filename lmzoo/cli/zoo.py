@@ -11,7 +11,6 @@ import json
 
 from lmzoo.interop.checkpoint import as_dtype, build
 from lmzoo.models.registry import families
-from lmzoo.nn.kv_cache import kv_bytes_per_token
 from lmzoo.nn.mlp import GatedMLP
 
 HELP = "print the architecture table (family, shape, positions, activation, norm, attention, size, KV cache)"
@@ -41,7 +40,7 @@ def describe(name: str, fam, cfg, dtype_bytes: int = 2) -> dict:
         "preset": name, "family": fam.name, "shape": fam.shape, "position": pos, "activation": act, "norm": norm,
         "attention": f"{a.kind} ({a.n_heads}q/{a.n_kv_heads}kv)", "layers": len(model.layers),
         "d_model": cfg.d_model, "params": model.num_parameters(),
-        "kv_bytes_per_token": kv_bytes_per_token(len(model.layers), a.n_kv_heads, a.head_dim, dtype_bytes),
+        "kv_bytes_per_token": model.kv_bytes_per_token(dtype_bytes),
     }
 
 

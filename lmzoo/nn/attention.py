@@ -126,6 +126,14 @@ class Attention(nn.Module):
             return "MHA"
         return "MQA" if self.n_kv_heads == 1 else f"GQA-{self.n_heads // self.n_kv_heads}"
 
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """This layer's cache per token: K and V, n_kv_heads · head_dim each."""
+        return 2 * self.n_kv_heads * self.head_dim * dtype_bytes
+
+    def new_cache(self, n_layers: int, batch: int, max_len: int, dtype: torch.dtype, device) -> KVCache:
+        """The cache this kind of attention fills (other attentions, e.g. MLA, bring their own)."""
+        return KVCache(n_layers, batch, self.n_kv_heads, self.head_dim, max_len, dtype=dtype, device=device)
+
     def set_kernel(self, name: str) -> None:
         self.kernel, self.kernel_name = get_kernel(name), name
 

@@ -81,10 +81,12 @@ class DecoderLM(nn.Module):
 
     # -- cache ---------------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
-        a = self.layers[0].attn
         p = self.embed.weight
-        return KVCache(len(self.layers), batch, a.n_kv_heads, a.head_dim, max_len,
-                       dtype=dtype or p.dtype, device=device or p.device)
+        return self.layers[0].attn.new_cache(len(self.layers), batch, max_len, dtype or p.dtype, device or p.device)
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV-cache bytes one token costs across all layers (batch 1)."""
+        return sum(layer.attn.kv_bytes_per_token(dtype_bytes) for layer in self.layers)
 
     # -- forward -------------------------------------------------------------------------------
     def _attn_inputs(self, attention_mask, position_ids, q_len, past, dtype, cache) -> tuple[AttnInputs, torch.Tensor]:
