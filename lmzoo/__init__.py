@@ -3,6 +3,8 @@
 from lmzoo.errors import CheckpointError, ConfigError, LmzooError
 from lmzoo.generate import generate, stream
 from lmzoo.interop.checkpoint import build, load, save
+from lmzoo.quant import quantize
+from lmzoo.tokenizers import Tokenizer, load_tokenizer, train_tokenizer
 
-__all__ = ["load", "save", "build", "generate", "stream", "LmzooError", "CheckpointError", "ConfigError"]
+__all__ = ["load", "save", "build", "generate", "stream", "quantize", "load_tokenizer", "train_tokenizer", "Tokenizer", "LmzooError", "CheckpointError", "ConfigError"]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """Generate from a checkpoint directory or a preset, streaming tokens as they come.
 
-With a directory that holds a tokenizer.json, --prompt takes text; otherwise give --ids.
+With a directory that holds a tokenizer (tokenizer.json, tokenizer.model, vocab.json + merges.txt,
+vocab.txt or *.tiktoken; see lmzoo.load_tokenizer), --prompt takes text; otherwise give --ids.
 Examples:
   lmzoo generate --model path/to/llama --prompt "The capital of France is" --max-new-tokens 20
   lmzoo generate --model llama2-7b --ids "1 450 7483" --max-new-tokens 5   # random weights
@@ -23,7 +24,7 @@ HELP = "generate text or token ids with the KV cache (greedy or sampled, streame
 def add_arguments(p) -> None:
     add_model_argument(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text (needs tokenizer.json in the model directory)")
+    src.add_argument("--prompt", help="prompt text (needs a tokenizer in the model directory)")
     src.add_argument("--ids", help="prompt as space-separated token ids")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
@@ -36,12 +37,12 @@ def add_arguments(p) -> None:
 
 
 def _tokenizer(model_spec: str):
-    path = Path(model_spec) / "tokenizer.json"
-    if not path.exists():
-        return None
-    from tokenizers import Tokenizer
+    """The directory's tokenizer in any format lmzoo.load_tokenizer reads, or None when it has none."""
+    from lmzoo.tokenizers import find_tokenizer
 
-    return Tokenizer.from_file(str(path))
+    if find_tokenizer(model_spec) is None:
+        return None
+    return lmzoo.load_tokenizer(model_spec)
 
 
 class TextStream:
@@ -67,11 +68,12 @@ class TextStream:
 def run(args) -> int:
     tok = _tokenizer(args.model) if Path(args.model).is_dir() else None
     if args.prompt is not None and tok is None:
-        raise LmzooError(f"--prompt needs a tokenizer.json in the model directory ('{args.model}'); "
+        raise LmzooError(f"--prompt needs a tokenizer in the model directory ('{args.model}'): tokenizer.json, "
+                         "tokenizer.model, vocab.json + merges.txt, vocab.txt or *.tiktoken; "
                          "pass token ids with --ids instead")
     model = resolve_model(args.model, args.dtype, args.seed)
     if args.prompt is not None:
-        ids = tok.encode(args.prompt, add_special_tokens=False).ids
+        ids = tok.encode(args.prompt)
     else:
         try:
             ids = [int(t) for t in args.ids.replace(",", " ").split()]

@@ -7,7 +7,7 @@ import sys
 
 from lmzoo.errors import LmzooError
 
-COMMANDS = ["demo", "zoo", "generate", "convert"]
+COMMANDS = ["demo", "zoo", "generate", "convert", "kvcache", "masks", "tokenizer", "quantize"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,15 +11,21 @@ import json
 
 from lmzoo.interop.checkpoint import as_dtype, build
 from lmzoo.models.registry import families
-from lmzoo.nn.mlp import GatedMLP
+from lmzoo.nn.position import Rotary2D
 
 HELP = "print the architecture table (family, shape, positions, activation, norm, attention, size, KV cache)"
 
 
 def describe(name: str, fam, cfg, dtype_bytes: int = 2) -> dict:
     model = build(cfg, device="meta")
+    common = {"preset": name, "family": fam.name, "shape": fam.shape}
+    if hasattr(model, "describe"):  # encoders and encoder-decoders describe their own stacks
+        return {**common, **model.describe(), "d_model": cfg.d_model, "params": model.num_parameters(),
+                "kv_bytes_per_token": model.kv_bytes_per_token(dtype_bytes)}
     layer = model.layers[0]
-    if model.rope is not None:
+    if isinstance(model.rope, Rotary2D):
+        pos = "2D RoPE (position + block)"
+    elif model.rope is not None:
         r = model.rope
         pos = "RoPE" + (f" {r.cfg.rotary_fraction:g} of head" if r.cfg.rotary_fraction != 1 else "") + \
               (" interleaved" if r.cfg.interleaved else "") + \
@@ -30,18 +36,26 @@ def describe(name: str, fam, cfg, dtype_bytes: int = 2) -> dict:
         pos = "learned absolute"
     else:
         pos = "none"
-    mlp = layer.mlp
-    act = mlp.kind if isinstance(mlp, GatedMLP) else f"{mlp.act_name} MLP"
+    kinds = [_mlp_kind(layer.mlp) for layer in model.layers]
+    act = max(kinds, key=kinds.count)  # the most common; layers that differ (DeepSeek's dense first) are noted
+    act += "".join(f"; {k} in {kinds.count(k)} layer(s)" for k in dict.fromkeys(kinds) if k != act)
     norm = f"{type(layer.attn_norm).__name__} ({layer.placement}-norm)"
+    if layer.placement == "deepnorm":
+        norm = f"{type(layer.attn_norm).__name__} (DeepNorm, α={layer.alpha:.2f})"
     if model.embed_norm is not None:
         norm += " + embedding norm"
     a = layer.attn
     return {
         "preset": name, "family": fam.name, "shape": fam.shape, "position": pos, "activation": act, "norm": norm,
-        "attention": f"{a.kind} ({a.n_heads}q/{a.n_kv_heads}kv)", "layers": len(model.layers),
+        "attention": f"{a.kind} ({a.n_heads}q/{a.n_kv_heads}kv)" if hasattr(a, "n_kv_heads") else f"{a.kind}, {a.n_heads} heads", "layers": len(model.layers),
         "d_model": cfg.d_model, "params": model.num_parameters(),
         "kv_bytes_per_token": model.kv_bytes_per_token(dtype_bytes),
     }
+
+
+def _mlp_kind(mlp) -> str:
+    """'SwiGLU', 'gelu MLP', 'SwiGLU MoE 2 shared + 6/160 routed' ..."""
+    return mlp.kind if hasattr(mlp, "kind") else f"{mlp.act_name} MLP"
 
 
 def human(n: float, unit: str = "") -> str:
@@ -72,6 +86,9 @@ def add_arguments(p) -> None:
     p.add_argument("--family", action="append", help="only these families (repeatable)")
     p.add_argument("--dtype", default="bf16", help="dtype of the KV-cache column (default bf16)")
     p.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    p.add_argument("--compare", nargs="+", metavar="NAME",
+                   help="compare families or presets side by side (tokenisation, objective, input "
+                        "representation, attention, architecture), e.g. --compare bert gpt2 t5")
 
 
 def rows(family_filter=None, dtype: str = "bf16") -> list[dict]:
@@ -86,6 +103,10 @@ def rows(family_filter=None, dtype: str = "bf16") -> list[dict]:
 
 
 def run(args) -> int:
+    if args.compare:
+        from lmzoo.cli import compare
+
+        return compare.run(args.compare, args.json)
     r = rows(args.family, args.dtype)
     print(json.dumps(r, indent=2) if args.json else table(r, args.dtype))
     return 0

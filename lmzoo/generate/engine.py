@@ -14,6 +14,8 @@ from torch import nn
 
 from lmzoo.errors import LmzooError
 from lmzoo.generate.sampling import LogitsProcessor, choose, process_logits
+from lmzoo.generate.beam import beam_search
+from lmzoo.generate.seq2seq import decoder_start, stream_seq2seq
 
 
 def _eos_set(eos_token_id) -> list[int]:
@@ -26,8 +28,18 @@ def _eos_set(eos_token_id) -> list[int]:
 def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
            max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, repetition_penalty: float | None = None, eos_token_id=None,
-           pad_token_id: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+           pad_token_id: int | None = None, generator: torch.Generator | None = None,
+           decoder_start_token_id: int | None = None) -> Iterator[torch.Tensor]:
     """Yield the (B,) next-token ids one step at a time (pad for rows that already finished)."""
+    if getattr(model, "is_encoder_decoder", False):  # the prompt goes to the encoder: see seq2seq.py
+        yield from stream_seq2seq(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                  do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                                  pad_token_id=pad_token_id, generator=generator,
+                                  decoder_start_token_id=decoder_start_token_id)
+        return
+    if not hasattr(model, "new_cache"):  # an encoder (BERT) predicts masked tokens, not the next one
+        raise LmzooError(f"generate: {type(model).__name__} is not a decoder; it has no next-token head or cache")
     proc = LogitsProcessor(do_sample, temperature, top_k, top_p, repetition_penalty)
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
@@ -65,11 +77,19 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
             return
 
 
-def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw) -> torch.Tensor:
-    """Prompt followed by the new tokens, (B, T + n_new), like ``transformers.generate``."""
+def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+             num_beams: int = 1, **kw) -> torch.Tensor:
+    """Prompt followed by the new tokens, (B, T + n_new), like ``transformers.generate``; for an
+    encoder-decoder, the decoder's start token followed by the new tokens. ``num_beams > 1`` runs
+    beam search (``beam.py``)."""
     if input_ids.ndim == 1:
         input_ids = input_ids[None]
+    if num_beams > 1:
+        return beam_search(model, input_ids, attention_mask, num_beams=num_beams, **kw)
+    head = input_ids
+    if getattr(model, "is_encoder_decoder", False):
+        head = decoder_start(model, input_ids.shape[0], input_ids.device, kw.get("decoder_start_token_id"))
     steps = list(stream(model, input_ids, attention_mask, **kw))
     if not steps:
-        return input_ids
-    return torch.cat([input_ids.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)
+        return head
+    return torch.cat([head.to(steps[0].device), torch.stack(steps, dim=1)], dim=1)

@@ -44,6 +44,21 @@ def read_hf_config(directory: str | Path) -> dict:
     return hf
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Parameters a model holds under two names (a head tied to the embedding): alias -> first name.
+
+    Only the first name is read from a checkpoint; the alias is pointed at it after loading.
+    """
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            aliases[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return aliases
+
+
 def _family_of(model: nn.Module) -> Family:
     return get_family(type(model.config).family)
 
@@ -90,17 +105,28 @@ def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None =
     if attn_kernel:
         cfg.attn_kernel = attn_kernel
     state = LazyState(directory)
+    if fam.resolve is not None:
+        cfg = fam.resolve(cfg, set(state.keys()))
     model = _empty_model(fam, cfg)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    if cfg.tie_embeddings:
-        expected.pop("lm_head.weight", None)
-    converted = fam.keymap(cfg, hf).to_lmzoo(state, expected, source=str(directory),
-                                            where=lambda k: str(state.file_of(k)) if k in state else str(directory))
+    keymap, source, quantized = fam.keymap(cfg, hf), state, {}
+    if hf.get("quantization_config"):  # packed linears swapped in and filled; lmzoo/quant/serialize.py
+        from lmzoo.quant.serialize import prepare_quantized_load
+
+        keymap, source, quantized = prepare_quantized_load(model, keymap, state, hf, str(directory))
+    tied = tied_aliases(model)
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in tied and k not in quantized}
+    converted = keymap.to_lmzoo(source, expected, source=str(directory),
+                                where=lambda k: str(state.file_of(k)) if k in state else str(directory))
     target = as_dtype(dtype) if dtype is not None else as_dtype(cfg.dtype)
     converted = {k: v.to(target) for k, v in converted.items()}
-    model.load_state_dict(converted, strict=not cfg.tie_embeddings, assign=True)
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+    converted.update(quantized)  # integer codes and their scales keep their stored dtypes
+    missing, unexpected = model.load_state_dict(converted, strict=False, assign=True)
+    if unexpected or set(missing) - set(tied):
+        raise CheckpointError(f"{directory}: the key map left {sorted(set(missing) - set(tied))[:5]} unfilled "
+                              f"and produced unknown {unexpected[:5]}")
+    for alias, name in tied.items():  # assign=True replaced the source; point the alias at it again
+        owner, _, attr = alias.rpartition(".")
+        setattr(model.get_submodule(owner), attr, model.get_parameter(name))
     cfg.dtype = str(target).replace("torch.", "")
     model = model.to(device or "cpu")
     return model.eval()
@@ -109,6 +135,10 @@ def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None =
 def state_for_hf(model: nn.Module) -> dict[str, torch.Tensor]:
     fam = _family_of(model)
     state = model.state_dict()
+    if getattr(model, "quantization_config", None):  # packed linears: lmzoo/quant/serialize.py
+        from lmzoo.quant.serialize import quantized_state_for_hf
+
+        return quantized_state_for_hf(model, fam.keymap(model.config), state)
     return fam.keymap(model.config).to_hf(state)
 
 
@@ -117,9 +147,11 @@ def save(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB
     fam = _family_of(model)
     cfg = model.config
     tensors = state_for_hf(model)
-    dtype = next(iter(tensors.values())).dtype
+    dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     hf = cfg.to_hf()
     hf["dtype"] = str(dtype).replace("torch.", "")
+    if getattr(model, "quantization_config", None):
+        hf["quantization_config"] = model.quantization_config
     hf.setdefault("architectures", [fam.hf_architecture])
     return write_directory(path, tensors, {"config.json": json.dumps(hf, indent=2, sort_keys=True) + "\n"},
                            max_shard_bytes=parse_size(max_shard_size))

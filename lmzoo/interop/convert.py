@@ -2,7 +2,10 @@
 
 A rule maps some Hugging Face keys to some lmzoo keys, with a function each way. Most rules are
 renames; fused tensors (GPT-2's c_attn, Bloom's query_key_value, ChatGLM2's gate+up) are one HF
-key to several lmzoo keys. ``{i}`` in a key expands over the layers. Converting fails loudly: a
+key to several lmzoo keys. ``{i}`` in a key expands over the layers (or over ``Rule.layers``, e.g.
+only the MoE layers). A checkpoint that comes in more than one layout (per-expert or fused expert
+tensors) gives a rule ``alternatives`` (``either``): on load the first layout whose keys are all
+present is read, on save the primary one is written. Converting fails loudly: a
 key the rules expect but the checkpoint lacks, a key the checkpoint has but no rule reads, and a
 tensor whose shape the model does not expect all raise ``CheckpointError`` naming file and key.
 """
@@ -10,7 +13,7 @@ tensor whose shape the model does not expect all raise ``CheckpointError`` namin
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -30,6 +33,17 @@ class Rule:
     ours: Sequence[str]
     to_ours: Fn = _same
     to_hf: Fn = _same
+    layers: Sequence[int] | None = None  # the layers ``{i}`` expands over; None: all of them
+    alternatives: Sequence["Rule"] = ()  # other layouts of the same lmzoo tensors, read when present
+
+
+def either(primary: Rule, *others: Rule) -> Rule:
+    """``primary`` (the layout ``to_hf`` writes) or, on load, the first of ``others`` whose keys are all
+    in the checkpoint; all must fill the same lmzoo keys."""
+    for o in others:
+        if list(o.ours) != list(primary.ours):
+            raise ValueError(f"alternative rule fills {list(o.ours)}, the primary {list(primary.ours)}")
+    return replace(primary, alternatives=list(others))
 
 
 def rename(hf: str, ours: str) -> Rule:
@@ -85,21 +99,22 @@ class KeyMap:
     def expanded(self) -> list[Rule]:
         out = []
         for r in self.rules:
-            templated = any("{i}" in k for k in list(r.hf) + list(r.ours))
-            for i in range(self.n_layers) if templated else [None]:
-                fmt = (lambda k: k.format(i=i)) if templated else (lambda k: k)
-                out.append(Rule([fmt(k) for k in r.hf], [fmt(k) for k in r.ours], r.to_ours, r.to_hf))
+            templated = any("{i}" in k for v in (r, *r.alternatives) for k in list(v.hf) + list(v.ours))
+            layers = (range(self.n_layers) if r.layers is None else r.layers) if templated else [None]
+            out += [_at_layer(r, i) for i in layers]
         return out
 
     def to_lmzoo(self, src: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size] | None = None,
                  source: str = "checkpoint", where: Callable[[str], str] | None = None) -> dict[str, torch.Tensor]:
         where = where or (lambda k: source)
         src = _with_prefix(src, self.optional_prefix)
-        rules = self.expanded()
+        rules = [_present_layout(r, src) for r in self.expanded()]
         missing = [k for r in rules for k in r.hf if k not in src]
         if missing:
             more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-            raise CheckpointError(f"{source}: missing key(s) {missing[:5]}{more}")
+            alts = [a.hf[0] for r in rules if any(k not in src for k in r.hf) for a in r.alternatives]
+            alt = f"; nor the other layout's keys such as {alts[:2]}" if alts else ""
+            raise CheckpointError(f"{source}: missing key(s) {missing[:5]}{more}{alt}")
         used = {k for r in rules for k in r.hf}
         ignored = [re.compile(p) for p in self.ignore]
         extra = [k for k in src.keys() if k not in used and not any(p.fullmatch(k) for p in ignored)]
@@ -130,3 +145,14 @@ class KeyMap:
             for k, t in zip(r.hf, r.to_hf([state[k] for k in r.ours])):
                 out[k] = t
         return out
+
+
+def _at_layer(r: Rule, i: int | None) -> Rule:
+    fmt = (lambda k: k) if i is None else (lambda k: k.format(i=i))
+    return Rule([fmt(k) for k in r.hf], [fmt(k) for k in r.ours], r.to_ours, r.to_hf,
+                alternatives=[_at_layer(a, i) for a in r.alternatives])
+
+
+def _present_layout(r: Rule, src: Mapping[str, torch.Tensor]) -> Rule:
+    """The rule's first layout whose checkpoint keys are all present (the primary when none is)."""
+    return next((v for v in (r, *r.alternatives) if all(k in src for k in v.hf)), r)

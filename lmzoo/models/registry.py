@@ -14,7 +14,7 @@ from torch import nn
 
 from lmzoo.errors import ConfigError
 
-FAMILY_MODULES = ["gpt2", "llama", "bloom", "chatglm2"]
+FAMILY_MODULES = ["gpt2", "llama", "bloom", "chatglm2", "chatglm", "deepseek_v2", "t5", "bert"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,13 @@ class Family:
     hf_architecture: str
     presets: dict = field(default_factory=dict)
     description: str = ""
+    # What ``lmzoo zoo --compare`` prints beside what it reads off the configs and the built model:
+    tokenizer: str = ""  # e.g. "byte-level BPE", "WordPiece", "SentencePiece unigram"
+    objective: str = ""  # the pretraining objective, e.g. "next-token prediction"
+    inputs: str = ""  # the input representation, e.g. "token + segment + learned position embeddings"
+    # (config, checkpoint keys) -> config: settles what config.json cannot say, e.g. which heads a BERT
+    # checkpoint carries or whether a T5 file has its own lm_head; lmzoo.load calls it before building.
+    resolve: Callable[[object, set], object] | None = None
 
 
 _cache: dict[str, Family] = {}

@@ -8,6 +8,9 @@ Each group of n_heads / n_kv_heads query heads shares one K/V head, which shrink
 that ratio. The kernel that computes softmax(q·kᵀ·scale + bias)·v is chosen by name from
 ``KERNELS``: ``eager`` (written out, float32 softmax), ``sdpa`` (torch's fused kernel), ``flash``
 (the flash-attn package, GPU only).
+
+``CrossAttention`` is the encoder-decoder variant: queries from the decoder, keys and values
+projected once from the encoder's output.
 """
 
 from __future__ import annotations
@@ -149,4 +152,39 @@ class Attention(nn.Module):
             k, v = inp.cache.update(layer_idx, k, v)  # (B, Hkv, Tpast+T, D)
         p = self.dropout if self.training else 0.0
         out = self.kernel(q, k, v, inp.mask, inp.is_causal, self.scale, p)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class CrossAttention(Attention):
+    """Encoder-decoder attention: queries from the decoder, keys and values from the encoder output.
+
+    diff from ``Attention``: K/V are projected from the encoder's output ("memory") by
+    ``memory_kv``, once per input, and reused at every decoding step (the cache keeps them; see
+    ``EncoderDecoderCache``); no position encoding (the source positions were encoded already) and no
+    causal mask, only the encoder's padding.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, head_dim: int | None = None, *,
+                 qkv_bias: bool = False, out_bias: bool = False, kernel: str = "sdpa", dropout: float = 0.0,
+                 scale: float | None = None):
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qkv_bias=qkv_bias, out_bias=out_bias,
+                         rope=None, kernel=kernel, dropout=dropout, scale=scale)
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, S, D) encoder output -> K and V, each (B, Hkv, S, head_dim)."""
+        B, S, _ = memory.shape
+        k = self.k_proj(memory).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        v = self.v_proj(memory).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, S, D)
+        return k, v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask``: the encoder's padding, boolean (B, 1, 1, S) or additive; None when nothing is padded."""
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k, v = kv
+        p = self.dropout if self.training else 0.0
+        # _flash reads unequal q/k lengths as a cached causal decode; cross-attention is never causal.
+        kernel = _sdpa if self.kernel is _flash else self.kernel
+        out = kernel(q, k, v, mask, False, self.scale, p)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

@@ -4,6 +4,12 @@
 one slot instead of concatenating (which would copy the whole cache every token). Its ``nbytes``
 is the cache memory, exactly: 2 · n_kv_heads · head_dim · n_tokens · layers · bytes per value
 (MHA: n_kv_heads = n_heads; MQA: 1; GQA: n_groups).
+
+``LatentCache`` is MLA's cache (DeepSeek-V2): per token only the compressed c_KV and the one RoPE
+key all heads share, (d_c + d_h^R) · n_tokens · layers values, whatever the number of heads.
+
+``EncoderDecoderCache`` is an encoder-decoder's: the decoder's ``KVCache`` plus the cross-attention
+K/V of the encoder output, computed once per input.
 """
 
 from __future__ import annotations
@@ -72,3 +78,69 @@ def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype_byte
                        v_head_dim: int | None = None) -> int:
     """The seed notes' formula for one token: 2·n_kv·d_head·layers (times bytes per value)."""
     return n_layers * n_kv_heads * (head_dim + (v_head_dim or head_dim)) * dtype_bytes
+
+
+class LatentCache(KVCache):
+    """MLA's cache: per layer c_KV (B, 1, max_len, kv_lora_rank) and k_rope (B, 1, max_len, rope_dim).
+
+    The storage is a one-head ``KVCache`` whose "K" is the latent c_KV and whose "V" is the RoPE key,
+    so update/commit/reorder/nbytes are shared: nbytes = (d_c + d_h^R) · n_tokens · layers · batch · bytes.
+    """
+
+    def __init__(self, n_layers: int, batch: int, kv_lora_rank: int, rope_dim: int, max_len: int,
+                 dtype: torch.dtype = torch.float32, device=None):
+        super().__init__(n_layers, batch, 1, kv_lora_rank, max_len, dtype=dtype, device=device, v_head_dim=rope_dim)
+
+    def update(self, layer: int, c_kv: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, 1, T, d_c) latents and (B, 1, T, d_h^R) RoPE keys; return all cached ones."""
+        return super().update(layer, c_kv, k_rope)
+
+    @property
+    def c_kv(self) -> list[torch.Tensor]:
+        return self.k
+
+    @property
+    def k_rope(self) -> list[torch.Tensor]:
+        return self.v
+
+
+class EncoderDecoderCache:
+    """An encoder-decoder model's decoding state: the decoder's self-attention ``KVCache``, grown one
+    token per step, plus per layer the cross-attention K/V of the encoder output and the encoder's
+    padding mask, which are filled on the first decoder forward and then only read.
+
+    Cross K/V cost 2 · n_kv_heads · head_dim per *source* token per layer, once per input, however
+    many tokens are generated.
+    """
+
+    def __init__(self, self_attn: KVCache):
+        self.self_attn = self_attn
+        self.cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (K, V), (B, Hkv, S, D)
+        self.encoder_mask: torch.Tensor | None = None  # (B, S) 1/0, None when nothing is padded
+
+    @property
+    def length(self) -> int:
+        return self.self_attn.length
+
+    @property
+    def batch(self) -> int:
+        return self.self_attn.batch
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.self_attn.update(layer, k, v)
+
+    def commit(self) -> None:
+        self.self_attn.commit()
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep/reorder batch rows (beam search): the decoder's K/V and the source's alike."""
+        self.self_attn.reorder(index)
+        if self.cross is not None:
+            self.cross = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross]
+        if self.encoder_mask is not None:
+            self.encoder_mask = self.encoder_mask.index_select(0, index)
+
+    @property
+    def nbytes(self) -> int:
+        cross = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.cross or [])
+        return self.self_attn.nbytes + cross

@@ -67,4 +67,5 @@ class GatedMLP(nn.Module):
 
     @property
     def kind(self) -> str:
-        return {"silu": "SwiGLU", "swish": "SwiGLU", "gelu": "GeGLU"}.get(self.act_name, f"{self.act_name}-GLU")
+        return {"silu": "SwiGLU", "swish": "SwiGLU", "gelu": "GeGLU",
+                "gelu_new": "GeGLU (tanh)"}.get(self.act_name, f"{self.act_name}-GLU")  # T5 v1.1: tanh GeLU

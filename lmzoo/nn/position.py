@@ -1,4 +1,5 @@
-"""Position encodings: learned absolute, RoPE (partial, half-split or interleaved, scaled), ALiBi.
+"""Position encodings: learned absolute, RoPE (partial, half-split or interleaved, scaled), ALiBi,
+GLM's 2D RoPE, T5's bucketed relative bias.
 
 Every encoding here is computed once per forward at the model level and handed to the layers:
 RoPE gives ``(cos, sin)`` tables that attention applies to q and k, ALiBi gives an additive
@@ -141,7 +142,20 @@ def _rope_yarn(cfg: RopeConfig, dim: int, seq_len: int):
     return inv, float(attn)
 
 
-class RotaryEmbedding(nn.Module):
+class KeepFloat32(nn.Module):
+    """Computed tables (RoPE frequencies, ALiBi slopes) stay float32 when the model is cast to
+    bf16/fp16: rounding them would shift every position's angle. Device moves still apply."""
+
+    def _apply(self, fn, recurse=True):
+        before = {n: b for n, b in self._buffers.items() if b is not None and b.is_floating_point()}
+        super()._apply(fn, recurse)
+        for n, b in before.items():
+            if self._buffers[n].dtype != b.dtype:
+                self._buffers[n] = b.to(self._buffers[n].device)
+        return self
+
+
+class RotaryEmbedding(KeepFloat32):
     """RoPE (Su et al. 2021): rotate pairs of q/k channels by position·frequency.
 
     ``forward(position_ids)`` builds the (cos, sin) tables once per model forward;
@@ -212,7 +226,7 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class ALiBi(nn.Module):
+class ALiBi(KeepFloat32):
     """Attention with linear biases: score(i, j) += -slope_h · (pos_i - pos_j)."""
 
     def __init__(self, n_heads: int):
@@ -222,3 +236,103 @@ class ALiBi(nn.Module):
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         dist = (q_pos[:, :, None] - k_pos[:, None, :]).float()  # (B, Tq, Tk)
         return -self.slopes[None, :, None, None] * dist[:, None]  # (B, H, Tq, Tk)
+
+
+# --------------------------------------------------------------------------------------------
+# 2D RoPE (GLM, ChatGLM-6B)
+# --------------------------------------------------------------------------------------------
+
+
+class Rotary2D(nn.Module):
+    """GLM's 2D positions (Du et al. 2022, section 2.2): two position ids per token, each rotating
+    half of every head with ordinary RoPE of width head_dim / 2.
+
+        q = [q1 | q2]  ->  [RoPE(q1, position_ids) | RoPE(q2, block_position_ids)]
+
+    ``forward`` takes position ids shaped (B, 2, T) (row 0 positions, row 1 block positions) and
+    returns (cos, sin) tables of the full head width; ``rotate`` applies each half's table to its
+    half. diff from ``RotaryEmbedding``: two ids per token instead of one, and every channel rotates.
+    Inside each half the pairs are (i, i + d/4) (half-split, as ChatGLM-6B's ``rotate_half``).
+    """
+
+    def __init__(self, head_dim: int, cfg: RopeConfig | None = None):
+        super().__init__()
+        if head_dim % 4:
+            raise ConfigError(f"2D RoPE splits each head in two rotated halves: head_dim {head_dim} "
+                              "must be a multiple of 4")
+        self.cfg = cfg or RopeConfig()
+        self.rotary_dim = head_dim
+        self.per_half = RotaryEmbedding(head_dim // 2, self.cfg)
+
+    @property
+    def inv_freq(self) -> torch.Tensor:
+        return self.per_half.inv_freq
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if position_ids.ndim != 3 or position_ids.shape[1] != 2:
+            raise ValueError(f"2D RoPE takes position ids shaped (B, 2, T), got {tuple(position_ids.shape)}")
+        cos1, sin1 = self.per_half(position_ids[:, 0], dtype)  # (B, 1, T, head_dim/2)
+        cos2, sin2 = self.per_half(position_ids[:, 1], dtype)
+        return torch.cat((cos1, cos2), -1), torch.cat((sin1, sin2), -1)  # (B, 1, T, head_dim)
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = self.rotary_dim // 2
+        x1, x2 = x[..., :h], x[..., h:]
+        return torch.cat((self.per_half.rotate(x1, cos[..., :h], sin[..., :h]),
+                          self.per_half.rotate(x2, cos[..., h:], sin[..., h:])), dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Bucketed relative position bias (T5)
+# --------------------------------------------------------------------------------------------
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """Map key-minus-query distances to ``num_buckets`` ids (Raffel et al. 2020, section 2.1).
+
+    Half of the buckets hold the exact distances 0 .. max_exact-1; the other half cover
+    max_exact .. max_distance on a log scale, and every longer distance shares the last bucket.
+    Bidirectional (encoder): the buckets are split in two, one half for keys after the query.
+    Causal (decoder): only keys at or before the query get distinct buckets.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).long() * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = (-relative_position).clamp(min=0)  # keys after the query all fall in bucket 0
+    max_exact = num_buckets // 2
+    # the same float ops, in the same order, as Mesh TensorFlow, so the bucket edges agree exactly
+    log_ratio = torch.log(distance.clamp(min=1).float() / max_exact) / math.log(max_distance / max_exact)
+    far = (max_exact + (log_ratio * (num_buckets - max_exact)).long()).clamp(max=num_buckets - 1)
+    return buckets + torch.where(distance < max_exact, distance, far)
+
+
+class RelativePositionBias(nn.Module):
+    """T5's learned scalar per (bucket, head), added to the attention scores: (1, H, Tq, Tk).
+
+    There are no position embeddings at all; this bias is the only position signal. It is
+    computed once per stack forward and shared by every layer (the checkpoint keeps it in the first
+    layer). With a cache, the Tq queries sit at positions past .. past+Tq-1.
+    """
+
+    def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 128, bidirectional: bool = True):
+        super().__init__()
+        self.n_heads, self.num_buckets, self.max_distance = n_heads, num_buckets, max_distance
+        self.bidirectional = bidirectional
+        self.weight = nn.Parameter(torch.empty(num_buckets, n_heads))
+        nn.init.normal_(self.weight, std=n_heads ** -0.5)
+
+    def forward(self, q_len: int, k_len: int, past: int = 0) -> torch.Tensor:
+        device = self.weight.device
+        q_pos = torch.arange(past, past + q_len, device=device)[:, None]
+        k_pos = torch.arange(k_len, device=device)[None, :]
+        buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets,
+                                           self.max_distance)  # (Tq, Tk)
+        return self.weight[buckets].permute(2, 0, 1)[None]  # (1, H, Tq, Tk)
+
+    def extra_repr(self) -> str:
+        kind = "bidirectional" if self.bidirectional else "causal"
+        return f"{self.num_buckets} buckets, max_distance={self.max_distance}, {kind}"

@@ -78,3 +78,15 @@ def test_unknown_scaling_is_refused():
         RotaryEmbedding(16, RopeConfig(scaling_type="nope"))
     with pytest.raises(ConfigError, match="factor"):
         RotaryEmbedding(16, RopeConfig(scaling_type="linear"))
+
+
+def test_computed_tables_stay_float32_when_the_model_is_cast():
+    from lmzoo.nn.position import ALiBi
+
+    rope = RotaryEmbedding(64, RopeConfig(theta=500000.0))
+    exact = rope.inv_freq.clone()
+    alibi = ALiBi(6)
+    rope.to(torch.bfloat16)
+    alibi.half()
+    assert rope.inv_freq.dtype == torch.float32 and torch.equal(rope.inv_freq, exact)
+    assert alibi.slopes.dtype == torch.float32

@@ -9,4 +9,6 @@ FAMILY = Family(
     name="bloom", shape="causal decoder", config_cls=BloomConfig, build=build, keymap=keymap,
     claims=lambda hf: hf.get("model_type") == "bloom", hf_architecture="BloomForCausalLM", presets=PRESETS,
     description="ALiBi, embedding LayerNorm, tanh-GeLU MLP, per-head fused QKV",
+    tokenizer="byte-level BPE", objective="next-token prediction (causal LM)",
+    inputs="token embeddings + LayerNorm; ALiBi biases the attention scores",
 )

@@ -9,4 +9,6 @@ FAMILY = Family(
     name="chatglm2", shape="causal decoder", config_cls=ChatGLM2Config, build=build, keymap=keymap,
     claims=claims, hf_architecture="GlmForCausalLM", presets=PRESETS,
     description="partial interleaved RoPE, RMSNorm, SwiGLU, GQA (2 groups), q/k/v bias",
+    tokenizer="SentencePiece BPE", objective="next-token prediction (GLM's hybrid objective, causal attention)",
+    inputs="token embeddings; RoPE on half of each head",
 )

@@ -1,0 +1,120 @@
+"""Bit packing in the layouts quantized checkpoints use, so that files from the ecosystem load as-is.
+
+GPTQ (AutoGPTQ / GPTQModel, ``QuantLinear`` of the "cuda_old"/torch kernels)::
+
+    qweight (in·bits/32, out) int32   codes packed down the *input* dimension: input row 32/bits·r + j
+                                      sits in bits [bits·j, bits·j + bits) of qweight[r]  (lowest first)
+    qzeros  (groups, out·bits/32)     zero points packed along the *output* dimension, same bit order;
+                                      checkpoint_format "gptq" (v1) stores zero - 1, "gptq_v2" the zero
+    scales  (groups, out) float16
+    g_idx   (in,) int32               group of each input column (a permutation of groups with desc_act)
+
+AWQ GEMM (AutoAWQ ``WQLinear_GEMM``)::
+
+    qweight (in, out·bits/32) int32   codes packed along the *output* dimension, interleaved: nibble i of
+                                      each int32 holds column ``AWQ_ORDER[i]`` of its group of 8
+    qzeros  (groups, out·bits/32)     zero points, packed like qweight (the zero itself, no "- 1")
+    scales  (groups, out) float16
+
+bitsandbytes 4-bit: two codes per uint8, the first element in the high nibble.
+
+Everything here is vectorised; the tests check it against loops written independently.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lmzoo.errors import LmzooError
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble i of an AWQ int32 holds column AWQ_ORDER[i]
+PACK_BITS = (2, 4, 8)  # widths that tile an int32 exactly (3-bit GPTQ straddles words; not supported)
+
+
+def _per_word(bits: int) -> int:
+    if bits not in PACK_BITS:
+        raise LmzooError(f"packing supports bits in {PACK_BITS}, got {bits}")
+    return 32 // bits
+
+
+def _to_int32(words: torch.Tensor) -> torch.Tensor:
+    """uint32 values held in int64 -> the int32 with the same bit pattern (two's complement)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def _fields(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., W) int32 -> (..., W, 32/bits) int32 fields, lowest bits first. (An arithmetic shift of a
+    negative word fills with ones from the left; the mask removes them.)"""
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32)
+    return (packed.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)  # (..., W, per)
+
+
+def _join(fields: torch.Tensor, bits: int) -> torch.Tensor:
+    """(..., W, 32/bits) fields -> (..., W) int32, field j in bits [bits·j, bits·j + bits)."""
+    shifts = torch.arange(0, 32, bits, device=fields.device, dtype=torch.int64)
+    words = (fields.to(torch.int64) << shifts).sum(-1)  # fields do not overlap, so + is |
+    return _to_int32(words)
+
+
+def _check_range(q: torch.Tensor, bits: int, what: str) -> None:
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2**bits):
+        raise LmzooError(f"{what}: values must lie in [0, {2**bits - 1}] for {bits}-bit packing, "
+                         f"got [{int(q.min())}, {int(q.max())}]")
+
+
+def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """GPTQ qweight: (in, out) codes -> (in·bits/32, out) int32, packed down dim 0."""
+    per = _per_word(bits)
+    K, N = q.shape
+    if K % per:
+        raise LmzooError(f"pack_rows: {K} rows do not fill whole int32 words of {per} {bits}-bit values")
+    _check_range(q, bits, "pack_rows")
+    fields = q.reshape(K // per, per, N).transpose(1, 2)  # (K/per, N, per)
+    return _join(fields, bits)
+
+
+def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """(in·bits/32, out) int32 -> (in, out) int32 codes."""
+    R, N = packed.shape
+    per = _per_word(bits)
+    shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32).view(1, per, 1)
+    return ((packed.to(torch.int32)[:, None, :] >> shifts) & (2**bits - 1)).view(R * per, N)  # row per·r + j
+
+
+def pack_cols(q: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """(rows, out) codes -> (rows, out·bits/32) int32 packed along dim 1 (GPTQ qzeros; AWQ with ``order``)."""
+    per = _per_word(bits)
+    G, N = q.shape
+    if N % per:
+        raise LmzooError(f"pack_cols: {N} columns do not fill whole int32 words of {per} {bits}-bit values")
+    _check_range(q, bits, "pack_cols")
+    fields = q.reshape(G, N // per, per)  # (G, N/per, per): column per·w + c
+    if order is not None:
+        fields = fields[..., list(order)]  # field i <- column order[i]
+    return _join(fields, bits)
+
+
+def unpack_cols(packed: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Inverse of ``pack_cols``: (rows, out·bits/32) int32 -> (rows, out) int32."""
+    G, W = packed.shape
+    fields = _fields(packed, bits)  # (G, W, per), field i
+    if order is not None:
+        inverse = [list(order).index(c) for c in range(len(order))]
+        fields = fields[..., inverse]  # column c <- field inverse[c]
+    return fields.reshape(G, W * (32 // bits)).to(torch.int32)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Flat 4-bit codes -> uint8, two per byte, the first in the high nibble (bitsandbytes' order)."""
+    flat = codes.reshape(-1).to(torch.uint8)
+    _check_range(flat, 4, "pack_nibbles")
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat[0::2] << 4 | flat[1::2]
+
+
+def unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """uint8 bytes -> the first ``n`` 4-bit codes (uint8)."""
+    flat = packed.reshape(-1).view(torch.uint8) if packed.dtype != torch.uint8 else packed.reshape(-1)
+    out = torch.stack([flat >> 4, flat & 0xF], dim=1).reshape(-1)  # (2·bytes,): high, low, high, low...
+    return out[:n]

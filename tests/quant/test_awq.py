@@ -1,0 +1,47 @@
+"""AWQ on one layer: with a few salient input channels, scaling them before rounding (then clipping)
+beats round-to-nearest on the output error at the same grid; folding keeps the float model unchanged."""
+
+import torch
+from torch import nn
+
+import lmzoo
+from lmzoo.models.llama.config import LlamaConfig
+from lmzoo.quant import IntLinear, quantize
+from lmzoo.quant.awq import search_clip, search_scale
+from lmzoo.quant.uniform import rtn
+
+
+def salient_inputs(n=2048, d=256, salient=(7, 50, 201), factor=30.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g)
+    x[:, list(salient)] *= factor
+    return x
+
+
+def test_awq_beats_rtn_with_salient_channels():
+    x = salient_inputs()
+    w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1)) * 0.05
+    s, alpha = search_scale([w], x, 4, 128)
+    assert alpha > 0 and s[[7, 50, 201]].min() > s.median() * 3  # the salient channels get the big scales
+    ws = w * s
+    m = search_clip(ws, x / s, 4, 128)
+    iw = rtn(torch.clamp(ws.view(128, 2, 128), -m, m).view(128, 256), 4, 128, sym=False)
+    w_awq = iw.dequantize() / s
+    w_rtn = rtn(w, 4, 128, sym=False).dequantize()
+    err = lambda wh: float((x @ (w - wh).t()).norm() / (x @ w.t()).norm())  # noqa: E731
+    assert err(w_awq) < 0.7 * err(w_rtn), (err(w_awq), err(w_rtn))
+
+
+def test_awq_folds_into_norms_and_linears_and_falls_back_to_input_scales():
+    torch.manual_seed(0)
+    # GQA: v_proj (2 heads) cannot fold into o_proj (4 heads), so o_proj keeps an input scale
+    cfg = LlamaConfig(vocab_size=64, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128, max_positions=64)
+    model = lmzoo.build(cfg).eval()
+    norms_before = model.layers[0].attn_norm.weight.clone()
+    calib = [torch.randint(0, 64, (2, 32)) for _ in range(2)]
+    quantize(model, "awq", group_size=64, calibration=calib)
+    layer = model.layers[0]
+    assert not torch.equal(layer.attn_norm.weight, norms_before)  # q/k/v's scales went into the norm
+    assert all(isinstance(m, IntLinear) and m.layout == "awq" for m in layer.modules() if hasattr(m, "qweight"))
+    assert layer.attn.o_proj.input_scale is not None  # GQA: no fold
+    assert layer.mlp.down_proj.input_scale is None and layer.attn.q_proj.input_scale is None  # folded

@@ -1,0 +1,177 @@
+"""Chat templates: rendered strings equal transformers' apply_chat_template with the same template; ids
+and assistant masks equal the families' own prompt builders (written here from their code, on the
+reference libraries) and transformers' return_assistant_tokens_mask."""
+
+from __future__ import annotations
+
+import pytest
+
+import lmzoo
+from lmzoo.errors import ConfigError, LmzooError
+from lmzoo.tokenizers.chat import BUILTIN_TEMPLATES
+from tests.tokenizers.corpus import tiny_corpus
+from tests.tokenizers.strings import TOKENIZERS, need
+
+SYSTEM = {"role": "system", "content": "你是一个乐于助人的助手。"}
+CHATS = [
+    [{"role": "user", "content": "床前明月光的下一句是什么？"}, {"role": "assistant", "content": "疑是地上霜。"}],
+    [{"role": "user", "content": "Hello!"}, {"role": "assistant", "content": "Hi, how can I help?"},
+     {"role": "user", "content": "Translate 'moon' to Chinese."}, {"role": "assistant", "content": "月亮 (yuè liang)"}],
+    [{"role": "user", "content": "  spaces around  "}, {"role": "assistant", "content": "  kept?  "},
+     {"role": "user", "content": "再见"}],
+]
+
+
+def with_system(chat):
+    return [SYSTEM] + chat
+
+
+@pytest.fixture(scope="module")
+def hf_chat_tok():
+    """A trained LLaMA-style tokenizer with the ChatML specials, and transformers' view of it."""
+    transformers = pytest.importorskip("transformers")
+    tok = lmzoo.train_tokenizer("sp-bpe", texts=tiny_corpus(), vocab_size=700,
+                                special_tokens=["<|im_start|>", "<|im_end|>", "[gMASK]", "<sop>"])
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend.tok, bos_token="<s>", eos_token="</s>",
+                                               unk_token="<unk>")
+    return tok, ref
+
+
+@pytest.mark.parametrize("name", ["llama2", "chatml", "chatglm2"])
+def test_rendering_equals_transformers(hf_chat_tok, name):
+    tok, ref = hf_chat_tok
+    template = BUILTIN_TEMPLATES[name]
+    for chat in CHATS + ([with_system(c) for c in CHATS] if name != "chatglm2" else []):
+        for gen in (False, True):
+            mine, _ = tok.render_chat(chat, add_generation_prompt=gen, template=name)
+            theirs = ref.apply_chat_template(chat, chat_template=template, tokenize=False, add_generation_prompt=gen)
+            assert mine == theirs, (name, chat)
+
+
+def test_chatglm3_rendering_equals_transformers(hf_chat_tok):
+    tok, ref = hf_chat_tok
+    for chat in CHATS + [with_system(c) for c in CHATS]:
+        mine, _ = tok.render_chat(chat, add_generation_prompt=True, template="chatglm3")
+        theirs = ref.apply_chat_template(chat, chat_template=BUILTIN_TEMPLATES["chatglm3"], tokenize=False,
+                                         add_generation_prompt=True)
+        assert mine == theirs
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama2"])
+def test_ids_and_mask_equal_transformers_assistant_mask(hf_chat_tok, name):
+    tok, ref = hf_chat_tok
+    for chat in CHATS[:2] + [with_system(CHATS[1])]:
+        enc = tok.apply_chat_template(chat, template=name)
+        out = ref.apply_chat_template(chat, chat_template=BUILTIN_TEMPLATES[name], return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        assert enc.ids == out["input_ids"]
+        assert enc.assistant_mask == out["assistant_masks"] and sum(enc.assistant_mask) > 0
+
+
+def prefix_mask(tok, text, spans):
+    """Independent of offsets: the tokens between encode(text[:start]) and encode(text[:end])."""
+    ids = tok.encode(text)
+    mask = [0] * len(ids)
+    for s, e in spans:
+        a, b = tok.encode(text[:s]), tok.encode(text[:e])
+        assert ids[:len(a)] == a and ids[:len(b)] == b, "the span edges are not token edges"
+        mask[len(a):len(b)] = [1] * (len(b) - len(a))
+    return mask
+
+
+def test_llama2_equals_meta_prompt_builder():
+    import sentencepiece as spm
+
+    path = need(TOKENIZERS / "llama2")
+    tok = lmzoo.load_tokenizer(path)
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    for chat in [with_system(CHATS[1]), CHATS[0]]:
+        turns = chat[1:] if chat[0]["role"] == "system" else chat
+        if chat[0]["role"] == "system":  # Meta: the system prompt joins the first user message
+            turns = [{**turns[0], "content": f"<<SYS>>\n{chat[0]['content']}\n<</SYS>>\n\n{turns[0]['content']}"}]\
+                + turns[1:]
+        ids, mask = [], []
+        for user, answer in zip(turns[::2], turns[1::2]):
+            head = sp.encode(f"[INST] {user['content'].strip()} [/INST]")
+            turn = sp.encode(f"[INST] {user['content'].strip()} [/INST] {answer['content'].strip()} ")
+            assert turn[:len(head)] == head
+            ids += [1] + turn + [2]
+            mask += [0] * (1 + len(head)) + [1] * (len(turn) - len(head) + 1)
+        enc = tok.apply_chat_template(chat, template="llama2")
+        assert enc.ids == ids and enc.assistant_mask == mask
+
+
+def test_chatml_equals_qwen_segments():
+    tok = lmzoo.load_tokenizer(need(TOKENIZERS / "qwen"))
+    enc_text = lambda t: tok.backend.enc.encode_ordinary(t)  # noqa: E731 - tiktoken, no specials
+    start, end = tok.token_to_id("<|im_start|>"), tok.token_to_id("<|im_end|>")
+    for chat in [with_system(CHATS[1]), CHATS[2]]:
+        ids, mask = [], []
+        for m in chat:
+            head = [start] + enc_text(m["role"] + "\n")
+            body = enc_text(m["content"]) + [end]
+            ids += head + body + enc_text("\n")
+            mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body) + [0]
+        ids += [start] + enc_text("assistant\n")
+        mask += [0] * (1 + len(enc_text("assistant\n")))
+        out = tok.apply_chat_template(chat, add_generation_prompt=True)  # Qwen's default template: ChatML
+        assert out.ids == ids and out.assistant_mask == mask
+        assert prefix_mask(tok, out.text, out.spans) == out.assistant_mask
+    decomposed = [{"role": "user", "content": "cafe\u0301?"}, {"role": "assistant", "content": "e\u0301te\u0301"}]
+    out = tok.apply_chat_template(decomposed)  # Qwen normalises to NFC; the spans follow
+    assert tok.decode([i for i, m in zip(out.ids, out.assistant_mask) if m]) == "\u00e9t\u00e9<|im_end|>"
+
+
+def test_chatglm3_equals_build_chat_input():
+    import sentencepiece as spm
+
+    path = need(TOKENIZERS / "chatglm2")
+    tok = lmzoo.load_tokenizer(path, flavor="chatglm3")
+    sp = spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model"))
+    for chat in [with_system(CHATS[1]), CHATS[0]]:
+        ids, mask = [tok.token_to_id("[gMASK]"), tok.token_to_id("<sop>")], [0, 0]
+        for k, m in enumerate(chat):  # ChatGLM3: <|role|> + encode(metadata + "\n") + encode(content)
+            body = sp.encode("\n") + sp.encode(m["content"])
+            if m["role"] == "assistant" and k == len(chat) - 1:
+                body += [tok.eos_id]
+            ids += [tok.token_to_id(f"<|{m['role']}|>")] + body
+            mask += [0] + [int(m["role"] == "assistant")] * len(body)
+        out = tok.apply_chat_template(chat)  # the chatglm3 flavor's default template
+        assert out.ids == ids and out.assistant_mask == mask
+        assert tok.decode(out.ids).startswith("[gMASK]<sop><|")
+
+
+def test_chatglm2_mask_and_rounds():
+    tok = lmzoo.load_tokenizer(need(TOKENIZERS / "chatglm2"))
+    out = tok.apply_chat_template(CHATS[1])
+    assert out.text.startswith("[gMASK]<sop>[Round 1]\n\n问：Hello!\n\n答：Hi, how can I help?\n\n[Round 2]")
+    assert out.text.endswith("答：月亮 (yuè liang)</s>")
+    assert out.ids[:2] == [64790, 64792] and out.ids[-1] == tok.eos_id
+    assert out.assistant_mask == prefix_mask(tok, out.text, out.spans)
+    answer = [i for i, m in zip(out.ids, out.assistant_mask) if m]
+    assert tok.decode(answer) == "Hi, how can I help?月亮 (yuè liang)</s>"
+    prompt = tok.apply_chat_template(CHATS[0][:1], add_generation_prompt=True)
+    assert prompt.text.endswith("答：") and sum(prompt.assistant_mask) == 0
+
+
+def test_template_from_tokenizer_config_and_fallback_mask(tmp_path):
+    tok = lmzoo.train_tokenizer("bpe", texts=tiny_corpus(), vocab_size=500, special_tokens=["<|im_end|>"])
+    plain = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}<|im_end|>\n{% endfor %}"  # no generation tag
+    tok.chat_template = plain
+    back = lmzoo.load_tokenizer(tok.save(tmp_path))
+    assert back.chat_template == plain
+    out = back.apply_chat_template(CHATS[0])
+    assert out.spans == [(out.text.index("疑是地上霜。"), out.text.index("疑是地上霜。") + len("疑是地上霜。"))]
+    assert back.decode([i for i, m in zip(out.ids, out.assistant_mask) if m]) == "疑是地上霜。"
+
+
+def test_template_errors():
+    tok = lmzoo.train_tokenizer("bpe", texts=tiny_corpus(), vocab_size=400)
+    with pytest.raises(ConfigError, match="no chat template"):
+        tok.apply_chat_template(CHATS[0])
+    with pytest.raises(ConfigError, match="unknown chat template"):
+        tok.apply_chat_template(CHATS[0], template="vicuna")
+    with pytest.raises(LmzooError, match="alternating"):
+        tok.render_chat([{"role": "assistant", "content": "hi"}], template="llama2")
+    with pytest.raises(ConfigError, match="does not compile"):
+        tok.render_chat(CHATS[0], template="{% for m in messages %}")
