@@ -108,6 +108,10 @@ class TokenizersBackend(Backend):
     kind = "tokenizers"
 
     def __init__(self, tok, source: str = "<memory>"):
+        # A tokenizer.json may carry its own padding/truncation (MiniLM's pads every text to 128);
+        # the Tokenizer pads and truncates itself, so the engine must do neither (as transformers does).
+        tok.no_padding()
+        tok.no_truncation()
         self.tok, self.source = tok, source
         self._specials = {t.content: i for i, t in tok.get_added_tokens_decoder().items() if t.special}
 

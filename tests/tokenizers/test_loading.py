@@ -193,3 +193,18 @@ def test_single_files_and_directories_load_alike():
         path = need(TOKENIZERS / d / f)
         a, b = lmzoo.load_tokenizer(path), lmzoo.load_tokenizer(path.parent)
         assert a.encode("床前明月光 Hello") == b.encode("床前明月光 Hello") and a.vocab_size == b.vocab_size
+
+
+def test_tokenizer_json_padding_and_truncation_settings_are_not_applied(tmp_path):
+    """A tokenizer.json that pads to 128 (as all-MiniLM-L6-v2's does) must still encode plainly."""
+    from tokenizers import Tokenizer as HFTokenizer, models, pre_tokenizers
+
+    import lmzoo
+
+    hf = HFTokenizer(models.WordLevel({"[PAD]": 0, "[UNK]": 1, "hello": 2, "world": 3}, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.enable_padding(pad_id=0, pad_token="[PAD]", length=16)
+    hf.enable_truncation(max_length=1)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = lmzoo.load_tokenizer(tmp_path)
+    assert tok.encode("hello world") == [2, 3]
