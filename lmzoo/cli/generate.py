@@ -73,7 +73,8 @@ def run(args) -> int:
                          "pass token ids with --ids instead")
     model = resolve_model(args.model, args.dtype, args.seed)
     if args.prompt is not None:
-        ids = tok.encode(args.prompt)
+        # With the tokenizer's own special prefix (LLaMA's <s>, none for GPT-2), as the model was trained.
+        ids = tok.encode(args.prompt, add_special_tokens=True)
     else:
         try:
             ids = [int(t) for t in args.ids.replace(",", " ").split()]
