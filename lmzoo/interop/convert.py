@@ -56,10 +56,39 @@ def transposed(hf: str, ours: str) -> Rule:
     return Rule([hf], [ours], t, t)
 
 
-def split_rows(hf: str, ours: Sequence[str], sizes: Callable[[], Sequence[int]]) -> Rule:
-    """One HF tensor whose rows are the lmzoo tensors stacked in order (dim 0)."""
-    return Rule([hf], list(ours), lambda ts: [p.contiguous() for p in torch.split(ts[0], list(sizes()), 0)],
-                lambda ts: [torch.cat(ts, 0)])
+def split_rows(hf: str, ours: Sequence[str], sizes: Sequence[int]) -> Rule:
+    """One HF tensor whose rows are the lmzoo tensors stacked in order (GPT-2's c_attn bias,
+    ChatGLM2's q|k|v and gate|up): checked, then split along dim 0."""
+    sizes = list(sizes)
+
+    def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        if ts[0].shape[0] != sum(sizes):
+            raise CheckpointError(f"tensor '{hf}' has shape {tuple(ts[0].shape)}: its rows cannot split into "
+                                  f"{' + '.join(map(str, sizes))} as the config expects")
+        return [p.contiguous() for p in torch.split(ts[0], sizes, 0)]
+
+    return Rule([hf], list(ours), split, lambda ts: [torch.cat(ts, 0)])
+
+
+def per_head(hf: str, ours: Sequence[str], n_heads: int, head_dim: int) -> Rule:
+    """One HF tensor fused *per head*: rows (n_heads, len(ours), head_dim) = q0 k0 v0 q1 k1 v1 ...
+    (Bloom's and ChatGLM-6B's query_key_value) <-> each part (n_heads·head_dim, ...)."""
+    n = len(ours)
+
+    def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        t, rest = ts[0], tuple(ts[0].shape[1:])
+        if t.shape[0] != n * n_heads * head_dim:
+            raise CheckpointError(f"tensor '{hf}' has shape {tuple(t.shape)}, which cannot split into {n} per-head "
+                                  f"parts of shape {(n_heads * head_dim, *rest)} ({n_heads} heads of {head_dim})")
+        grouped = t.view(n_heads, n, head_dim, *rest)  # (H, n, hd, [d])
+        return [grouped[:, j].reshape(n_heads * head_dim, *rest).contiguous() for j in range(n)]
+
+    def merge(ts: list[torch.Tensor]) -> list[torch.Tensor]:
+        rest = ts[0].shape[1:]
+        grouped = torch.stack([t.view(n_heads, head_dim, *rest) for t in ts], dim=1)  # (H, n, hd, [d])
+        return [grouped.reshape(n * n_heads * head_dim, *rest)]
+
+    return Rule([hf], list(ours), split, merge)
 
 
 class _Prefixed(Mapping):
@@ -124,7 +153,10 @@ class KeyMap:
                                   "they would be silently dropped, so lmzoo refuses the checkpoint")
         out = {}
         for r in rules:
-            tensors = r.to_ours([src[k] for k in r.hf])
+            try:
+                tensors = r.to_ours([src[k] for k in r.hf])
+            except CheckpointError as e:  # a fused tensor that does not split: say which file holds it
+                raise CheckpointError(f"{where(r.hf[0])}: {e}") from e
             for hf_key, k, t in zip(list(r.hf) * len(r.ours), r.ours, tensors):
                 if expected is not None:
                     if k not in expected:

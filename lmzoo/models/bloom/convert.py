@@ -9,28 +9,8 @@ layouts load, and ``lmzoo.save`` always writes the ``BloomForCausalLM`` one.
 
 from __future__ import annotations
 
-import torch
-
-from lmzoo.interop.convert import KeyMap, Rule, rename
+from lmzoo.interop.convert import KeyMap, per_head, rename
 from lmzoo.models.bloom.config import BloomConfig
-
-
-def _qkv_rule(hf: str, ours: list[str], n_heads: int) -> Rule:
-    """(H·3·hd, ...) rows, head-major -> q, k, v, each (H·hd, ...); and back."""
-
-    def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        t = ts[0]  # weight (3·H·hd, d) or bias (3·H·hd,)
-        if t.shape[0] % (3 * n_heads):
-            return [t] * 3  # unsplittable: the engine's shape check reports it with file, key and expected shape
-        per_head = t.view(n_heads, 3, -1, *t.shape[1:])  # (H, 3, hd, [d])
-        return [per_head[:, j].reshape(-1, *t.shape[1:]).contiguous() for j in range(3)]  # 3 × (H·hd, [d])
-
-    def merge(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        rest = ts[0].shape[1:]
-        per_head = torch.stack([t.view(n_heads, -1, *rest) for t in ts], dim=1)  # (H, 3, hd, [d])
-        return [per_head.reshape(-1, *rest)]  # (3·H·hd, [d])
-
-    return Rule([hf], ours, split, merge)
 
 
 def keymap(cfg: BloomConfig, hf: dict | None = None) -> KeyMap:
@@ -42,8 +22,8 @@ def keymap(cfg: BloomConfig, hf: dict | None = None) -> KeyMap:
             rename(f"transformer.ln_f.{p}", f"final_norm.{p}"),
             rename(L + f"input_layernorm.{p}", f"layers.{{i}}.attn_norm.{p}"),
             rename(L + f"post_attention_layernorm.{p}", f"layers.{{i}}.mlp_norm.{p}"),
-            _qkv_rule(L + f"self_attention.query_key_value.{p}",
-                      [f"layers.{{i}}.attn.{x}_proj.{p}" for x in "qkv"], cfg.n_heads),
+            per_head(L + f"self_attention.query_key_value.{p}",
+                     [f"layers.{{i}}.attn.{x}_proj.{p}" for x in "qkv"], cfg.n_heads, cfg.head_dim),
             rename(L + f"self_attention.dense.{p}", f"layers.{{i}}.attn.o_proj.{p}"),
             rename(L + f"mlp.dense_h_to_4h.{p}", f"layers.{{i}}.mlp.up_proj.{p}"),
             rename(L + f"mlp.dense_4h_to_h.{p}", f"layers.{{i}}.mlp.down_proj.{p}"),

@@ -19,41 +19,8 @@ keys, so a load/save round trip gives the release's tensors back bit for bit.
 
 from __future__ import annotations
 
-import torch
-
-from lmzoo.errors import CheckpointError
-from lmzoo.interop.convert import KeyMap, Rule, rename
+from lmzoo.interop.convert import KeyMap, per_head, rename, split_rows
 from lmzoo.models.chatglm.config import ChatGLMConfig
-
-
-def _qkv_per_head(hf: str, ours: list[str], n_heads: int, head_dim: int) -> Rule:
-    """query_key_value rows (H, 3, hd) <-> q, k, v each (H·hd) rows; weight (…, d) or bias."""
-
-    def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        t = ts[0]
-        if t.shape[0] != 3 * n_heads * head_dim:
-            raise CheckpointError(f"'{hf}' has {t.shape[0]} rows; the config expects 3·{n_heads}·{head_dim}")
-        per_head = t.view(n_heads, 3, head_dim, *t.shape[1:])  # (H, 3, hd, [d])
-        return [per_head[:, j].reshape(n_heads * head_dim, *t.shape[1:]).contiguous() for j in range(3)]
-
-    def merge(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        rest = ts[0].shape[1:]
-        per_head = torch.stack([t.view(n_heads, head_dim, *rest) for t in ts], dim=1)  # (H, 3, hd, [d])
-        return [per_head.reshape(3 * n_heads * head_dim, *rest)]
-
-    return Rule([hf], ours, split, merge)
-
-
-def _halves(hf: str, ours: list[str], d_ff: int) -> Rule:
-    """GeGLU's dense_h_to_4h: 2·d_ff rows, the linear half (x1) first, the gelu'd half (x2) second."""
-
-    def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        if ts[0].shape[0] != 2 * d_ff:
-            raise CheckpointError(f"'{hf}' has {ts[0].shape[0]} rows; GeGLU with inner_hidden_size {d_ff} "
-                                  f"expects 2·{d_ff}")
-        return [p.contiguous() for p in torch.split(ts[0], d_ff, 0)]
-
-    return Rule([hf], ours, split, lambda ts: [torch.cat(ts, 0)])
 
 
 def keymap(cfg: ChatGLMConfig, hf: dict | None = None) -> KeyMap:
@@ -62,7 +29,7 @@ def keymap(cfg: ChatGLMConfig, hf: dict | None = None) -> KeyMap:
     for kind in ("weight", "bias"):
         rules += [
             rename(L + f"input_layernorm.{kind}", f"layers.{{i}}.attn_norm.{kind}"),
-            _qkv_per_head(L + f"attention.query_key_value.{kind}", [A + f"{p}_proj.{kind}" for p in "qkv"],
+            per_head(L + f"attention.query_key_value.{kind}", [A + f"{p}_proj.{kind}" for p in "qkv"],
                           cfg.n_heads, cfg.head_dim),
             rename(L + f"attention.dense.{kind}", A + f"o_proj.{kind}"),
             rename(L + f"post_attention_layernorm.{kind}", f"layers.{{i}}.mlp_norm.{kind}"),
@@ -70,8 +37,9 @@ def keymap(cfg: ChatGLMConfig, hf: dict | None = None) -> KeyMap:
             rename(f"transformer.final_layernorm.{kind}", f"final_norm.{kind}"),
         ]
         if cfg.mlp == "geglu":
-            rules.append(_halves(L + f"mlp.dense_h_to_4h.{kind}", [M + f"up_proj.{kind}", M + f"gate_proj.{kind}"],
-                                 cfg.d_ff))
+            # GeGLU's dense_h_to_4h: the linear half (x1) first, the gelu'd half (x2) second.
+            rules.append(split_rows(L + f"mlp.dense_h_to_4h.{kind}", [M + f"up_proj.{kind}", M + f"gate_proj.{kind}"],
+                                    (cfg.d_ff, cfg.d_ff)))
         else:
             rules.append(rename(L + f"mlp.dense_h_to_4h.{kind}", M + f"up_proj.{kind}"))
     ignore = [r"transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq"]

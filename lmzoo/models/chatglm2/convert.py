@@ -22,44 +22,10 @@ THUDM's release (model_type "chatglm", the key map is chosen from the config.jso
 
 from __future__ import annotations
 
-from typing import Sequence
-
-import torch
-
-from lmzoo.errors import CheckpointError
-from lmzoo.interop.convert import KeyMap, Rule, rename
+from lmzoo.interop.convert import KeyMap, per_head, rename, split_rows
 from lmzoo.models.chatglm2.config import ChatGLM2Config, is_original_layout
 
 GATE_UP = ["layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.up_proj.weight"]  # fused rows: gate first, then up
-
-
-def _stacked(hf: str, ours: list[str], sizes: Sequence[int]) -> Rule:
-    """One tensor whose rows are ``ours`` stacked in order, checked before splitting."""
-
-    def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        if ts[0].shape[0] != sum(sizes):
-            raise CheckpointError(f"'{hf}' has {ts[0].shape[0]} rows; the config expects {' + '.join(map(str, sizes))}")
-        return [p.contiguous() for p in torch.split(ts[0], list(sizes), 0)]
-
-    return Rule([hf], ours, split, lambda ts: [torch.cat(ts, 0)])
-
-
-def _per_head(hf: str, ours: list[str], n_heads: int, head_dim: int) -> Rule:
-    """query_key_value without multi-query attention: rows (n_heads, 3, head_dim) = q0 k0 v0 q1 k1 v1 ..."""
-
-    def split(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        t = ts[0]  # weight (3·H·hd, d) or bias (3·H·hd,)
-        if t.shape[0] != 3 * n_heads * head_dim:
-            raise CheckpointError(f"'{hf}' has {t.shape[0]} rows; the config expects 3·{n_heads}·{head_dim}")
-        per_head = t.view(n_heads, 3, head_dim, *t.shape[1:])  # (H, 3, hd, [d])
-        return [per_head[:, j].reshape(n_heads * head_dim, *t.shape[1:]).contiguous() for j in range(3)]
-
-    def merge(ts: list[torch.Tensor]) -> list[torch.Tensor]:
-        rest = ts[0].shape[1:]
-        per_head = torch.stack([t.view(n_heads, head_dim, *rest) for t in ts], dim=1)  # (H, 3, hd, [d])
-        return [per_head.reshape(3 * n_heads * head_dim, *rest)]
-
-    return Rule([hf], ours, split, merge)
 
 
 def _glm_keymap(cfg: ChatGLM2Config) -> KeyMap:
@@ -70,7 +36,7 @@ def _glm_keymap(cfg: ChatGLM2Config) -> KeyMap:
         if cfg.attention_bias:
             rules.append(rename(L + f"self_attn.{p}_proj.bias", A + f"{p}_proj.bias"))
     rules += [rename(L + "self_attn.o_proj.weight", A + "o_proj.weight"),
-              _stacked(L + "mlp.gate_up_proj.weight", GATE_UP, (cfg.d_ff, cfg.d_ff)),
+              split_rows(L + "mlp.gate_up_proj.weight", GATE_UP, (cfg.d_ff, cfg.d_ff)),
               rename(L + "mlp.down_proj.weight", "layers.{i}.mlp.down_proj.weight"),
               rename(L + "input_layernorm.weight", "layers.{i}.attn_norm.weight"),
               rename(L + "post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight")]
@@ -88,11 +54,11 @@ def _original_keymap(cfg: ChatGLM2Config, hf: dict) -> KeyMap:
         key, ours = L + f"self_attention.query_key_value.{kind}", [A + f"{p}_proj.{kind}" for p in "qkv"]
         if hf.get("multi_query_attention"):
             q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-            rules.append(_stacked(key, ours, (q, kv, kv)))
+            rules.append(split_rows(key, ours, (q, kv, kv)))
         else:
-            rules.append(_per_head(key, ours, cfg.n_heads, cfg.head_dim))
+            rules.append(per_head(key, ours, cfg.n_heads, cfg.head_dim))
     rules += [rename(L + "self_attention.dense.weight", A + "o_proj.weight"),
-              _stacked(L + "mlp.dense_h_to_4h.weight", GATE_UP, (cfg.d_ff, cfg.d_ff)),
+              split_rows(L + "mlp.dense_h_to_4h.weight", GATE_UP, (cfg.d_ff, cfg.d_ff)),
               rename(L + "mlp.dense_4h_to_h.weight", "layers.{i}.mlp.down_proj.weight"),
               rename(L + "input_layernorm.weight", "layers.{i}.attn_norm.weight"),
               rename(L + "post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight")]

@@ -36,7 +36,7 @@ def keymap(cfg: GPT2Config, hf: dict | None = None) -> KeyMap:
         rename("transformer.wte.weight", "embed.weight"),
         rename("transformer.wpe.weight", "positions.weight"),
         _fused_qkv(H + "attn.c_attn.weight", [k + ".weight" for k in qkv], d),
-        split_rows(H + "attn.c_attn.bias", [k + ".bias" for k in qkv], lambda: [d, d, d]),
+        split_rows(H + "attn.c_attn.bias", [k + ".bias" for k in qkv], [d, d, d]),
         transposed(H + "attn.c_proj.weight", L + "attn.o_proj.weight"),
         rename(H + "attn.c_proj.bias", L + "attn.o_proj.bias"),
         transposed(H + "mlp.c_fc.weight", L + "mlp.up_proj.weight"),
