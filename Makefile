@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lmzoo demo
+	# The main job: tokenizer + a small LLaMA pretrained on built-in data on the CPU, samples, report
+	# (about 5-8 minutes on 2 cores; docs/speedrun.md).
+	$(BIN)/lmzoo speedrun
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

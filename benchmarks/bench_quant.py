@@ -34,9 +34,9 @@ sys.path.insert(0, str(HERE))
 import tiny_shakespeare as ts  # noqa: E402
 
 import lmzoo  # noqa: E402
-from lmzoo.quant.report import add_ratios, figure, measure, table  # noqa: E402
+from lmzoo.quant.report import add_ratios, figure, kl_divergence, measure, table  # noqa: E402
 
-TRAIN = {"full": dict(d_model=256, n_layers=4, n_heads=4, d_ff=768, seq_len=128, batch=16, steps=600),
+TRAIN = {"full": dict(d_model=256, n_layers=4, n_heads=4, d_ff=768, seq_len=128, batch=16, steps=1500),
          "quick": dict(d_model=128, n_layers=2, n_heads=4, d_ff=384, seq_len=64, batch=16, steps=120)}
 VARIANTS = [  # name, method, kwargs
     ("rtn w4g128", "rtn", {}),
@@ -96,14 +96,16 @@ def main() -> int:
     windows = a.eval_windows or (16 if a.quick else 128)
     meas = dict(seq_len=L, max_windows=windows, new_tokens=16 if a.quick else 64, threads=a.threads or None)
 
-    rows = [{"name": "float32", **measure(model_dir, held, **meas)}]
+    rows = [{"name": "float32", **measure(model_dir, held, **meas), "kl": 0.0}]
+    ref = lmzoo.load(model_dir)
     for name, method, kw in VARIANTS:
         dst = cache / name.replace(" ", "_").replace("(", "").replace(")", "").replace(",", "")
         t0 = time.perf_counter()
         kernel = quantize_to(model_dir, dst, method, kw, calib)
         seconds = time.perf_counter() - t0
-        rows.append({"name": name, **measure(dst, held, **meas, kernel=kernel), "quantize_s": seconds})
-        print(f"{name}: ppl {rows[-1]['perplexity']:.4f}", file=sys.stderr)
+        kl = kl_divergence(ref, lmzoo.quant.set_kernel(lmzoo.load(dst), kernel), held, L, windows)
+        rows.append({"name": name, **measure(dst, held, **meas, kernel=kernel), "kl": kl, "quantize_s": seconds})
+        print(f"{name}: ppl {rows[-1]['perplexity']:.4f}, KL {kl:.5f}", file=sys.stderr)
     add_ratios(rows)
 
     speed_dir = cache / "speed"
@@ -122,12 +124,13 @@ def main() -> int:
 
     by = {r["name"]: r for r in rows}
     loss = lambda n: by[n]["perplexity"] / by["float32"]["perplexity"] - 1  # noqa: E731
-    checks = [
-        ("GPTQ w4g128 loses <= 1/2 of RTN w4g128's perplexity increase", loss("gptq w4g128") <= 0.5 * loss("rtn w4g128"),
-         f"{loss('gptq w4g128'):+.3%} vs {loss('rtn w4g128'):+.3%}"),
-        ("AWQ w4g128 loses <= 1/2 of RTN w4g128 asym's increase", loss("awq w4g128") <= 0.5 * loss("rtn w4g128 asym"),
-         f"{loss('awq w4g128'):+.3%} vs {loss('rtn w4g128 asym'):+.3%}"),
-    ]
+    kl = lambda n: by[n]["kl"]  # noqa: E731
+    checks = []
+    for q, r in (("gptq w4g128", "rtn w4g128"), ("awq w4g128", "rtn w4g128 asym")):
+        checks.append((f"{q} loses <= 1/2 of {r}'s perplexity increase", loss(q) <= 0.5 * loss(r),
+                       f"{loss(q):+.3%} vs {loss(r):+.3%} (ratio {loss(q) / loss(r):.2f})"))
+        checks.append((f"{q}: KL from float <= 1/2 of {r}'s", kl(q) <= 0.5 * kl(r),
+                       f"{kl(q):.5f} vs {kl(r):.5f} (ratio {kl(q) / kl(r):.2f})"))
     for n in ("rtn w8 (int8 kernel)", "rtn w8 (dequant)", "gptq w8", "llm.int8"):
         checks.append((f"{n} loses < 1% perplexity", abs(loss(n)) < 0.01, f"{loss(n):+.3%}"))
     for table_rows, where in ((rows, "trained model"), (speed_rows, f"d_model {sp['d_model']} model")):

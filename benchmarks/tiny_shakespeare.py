@@ -95,7 +95,7 @@ def train(out_dir: str | Path, *, d_model=128, n_layers=4, n_heads=4, d_ff=384, 
     out = lmzoo.save(model, out_dir)
     byte_tokenizer().save(str(Path(out) / "tokenizer.json"))
     info = {"params": model.num_parameters(), "steps": steps, "final_loss": float(loss.detach()), "seconds": time.perf_counter() - t0,
-            "d_model": d_model, "n_layers": n_layers, "d_ff": d_ff, "seq_len": seq_len, "batch": batch, "seed": seed}
+            "d_model": d_model, "n_layers": n_layers, "n_heads": n_heads, "d_ff": d_ff, "seq_len": seq_len, "batch": batch, "seed": seed}
     (Path(out) / "train_info.json").write_text(json.dumps(info, indent=2))
     return info
 

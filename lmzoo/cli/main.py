@@ -7,7 +7,8 @@ import sys
 
 from lmzoo.errors import LmzooError
 
-COMMANDS = ["demo", "zoo", "generate", "convert", "kvcache", "masks", "tokenizer", "quantize"]
+COMMANDS = ["demo", "zoo", "generate", "convert", "kvcache", "masks", "tokenizer", "quantize", "speedrun",
+            "compare-archs", "pretrain", "train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "inspect, convert and run them.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        mod = importlib.import_module(f"lmzoo.cli.{name}")
+        mod = importlib.import_module(f"lmzoo.cli.{name.replace('-', '_')}")  # compare-archs -> compare_archs
         p = sub.add_parser(name, help=mod.HELP, description=mod.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)

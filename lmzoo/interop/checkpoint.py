@@ -81,6 +81,8 @@ def _empty_model(fam: Family, cfg) -> nn.Module:
     """Parameters on meta (no memory, no init), computed buffers on the CPU."""
     with torch.device("meta"):
         model = fam.build(cfg)
+    if not any(buf.is_meta for buf in model.buffers()):
+        return model  # nothing computed to fill (ViT, CLIP have no buffers)
     with torch.device("cpu"):
         reference = {n: b for n, b in _buffers_only(fam, cfg)}
     for name, buf in model.named_buffers():

@@ -14,13 +14,13 @@ from torch import nn
 
 from lmzoo.errors import ConfigError
 
-FAMILY_MODULES = ["gpt2", "llama", "bloom", "chatglm2", "chatglm", "deepseek_v2", "t5", "bert"]
+FAMILY_MODULES = ["gpt2", "llama", "bloom", "chatglm2", "chatglm", "deepseek_v2", "t5", "bert", "vit", "clip"]
 
 
 @dataclass(frozen=True)
 class Family:
     name: str
-    shape: str  # "causal decoder" | "prefix decoder" | "encoder-decoder" | "encoder"
+    shape: str  # "causal decoder" | "prefix decoder" | "encoder-decoder" | "encoder" | "dual encoder"
     config_cls: type
     build: Callable[..., nn.Module]
     keymap: Callable  # (config, hf_config: dict | None) -> KeyMap

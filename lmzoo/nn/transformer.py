@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from lmzoo.nn.attention import Attention, AttnInputs, CrossAttention
 from lmzoo.nn.kv_cache import EncoderDecoderCache, KVCache
-from lmzoo.nn.masks import decoder_mask, padding_mask, positions_from_mask, to_additive
+from lmzoo.nn.masks import build_mask, decoder_mask, padding_mask, positions_from_mask, to_additive
 from lmzoo.nn.position import ALiBi, LearnedPositions, RelativePositionBias, RotaryEmbedding
 
 
@@ -131,12 +131,31 @@ class DecoderLM(nn.Module):
             inp.rope = self.rope(position_ids, dtype)
         return inp, position_ids
 
+    def _packed_inputs(self, doc_ids, attention_mask, position_ids, cache, dtype) -> tuple[AttnInputs, torch.Tensor]:
+        """Attention inputs for packed documents: the causal same-document mask, positions per document."""
+        if cache is not None:
+            raise ValueError("doc_ids (packed documents) is for training forwards; it takes no cache")
+        T = doc_ids.shape[-1]
+        if position_ids is None:  # index minus the index where the token's document starts
+            idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
+            starts = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+            position_ids = idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=-1).values  # (B, T)
+        mask = build_mask("packed", T, doc_ids=doc_ids, attention_mask=attention_mask)  # (B, 1, T, T)
+        inp = AttnInputs(mask=mask)
+        if self.alibi is not None:  # keys are the queries here, so both sides use the reset positions
+            inp.mask = (to_additive(mask, torch.float32) + self.alibi(position_ids, position_ids)).to(dtype)
+        if self.rope is not None:
+            inp.rope = self.rope(position_ids, dtype)
+        return inp, position_ids
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
+                logits_to_keep: int = 0, doc_ids: torch.Tensor | None = None) -> CausalLMOutput:
         """``logits_to_keep=n`` computes the head for the last n positions only (0 = all); the
-        generation engine passes 1, since a prefill needs only the next token's logits."""
+        generation engine passes 1, since a prefill needs only the next token's logits.
+        ``doc_ids`` (B, T): a packed row of several documents (training, no cache); each token
+        attends only to earlier tokens of its own document, and positions restart per document."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
         B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
@@ -146,7 +165,10 @@ class DecoderLM(nn.Module):
         if self.max_positions is not None and past + T > self.max_positions and self.positions is not None:
             raise ValueError(f"sequence of {past + T} tokens is longer than the model's context "
                              f"of {self.max_positions}")
-        inp, position_ids = self._attn_inputs(attention_mask, position_ids, T, past, x.dtype, cache)
+        if doc_ids is not None:
+            inp, position_ids = self._packed_inputs(doc_ids, attention_mask, position_ids, cache, x.dtype)
+        else:
+            inp, position_ids = self._attn_inputs(attention_mask, position_ids, T, past, x.dtype, cache)
         if self.positions is not None:
             x = x + self.positions(position_ids.expand(B, T))
         if self.embed_norm is not None:
@@ -198,21 +220,28 @@ class Encoder(nn.Module):
     Given its layers (pre- or post-norm ``TransformerLayer``s), an optional final norm (pre-norm stacks
     need one; BERT's post-norm stack does not) and an optional relative position bias that is computed
     once here and shared by all layers (T5). Absolute positions, if any, are the embedder's business.
+    ``causal=True`` makes each token see only itself and earlier tokens: a cache-less causal stack used as
+    an encoder (CLIP's text tower, read at its EOS token).
     """
 
     def __init__(self, layers: list[TransformerLayer], final_norm: nn.Module | None = None,
-                 position_bias: RelativePositionBias | None = None):
+                 position_bias: RelativePositionBias | None = None, causal: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.final_norm, self.position_bias = final_norm, position_bias
+        self.causal = causal
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         T = x.shape[1]
         if attention_mask is not None and attention_mask.shape[-1] != T:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, the input has {T}")
-        pad = padding_mask(attention_mask) if attention_mask is not None and not bool(attention_mask.all()) else None
+        padded = attention_mask is not None and not bool(attention_mask.all())
+        pad = padding_mask(attention_mask) if padded else None
         bias = self.position_bias(T, T) if self.position_bias is not None else None
-        inp = AttnInputs(mask=_bias_and_mask(bias, pad, x.dtype))  # (B|1, 1|H, T, T) or None
+        if self.causal and (padded or bias is not None):
+            pad = decoder_mask(attention_mask if padded else None, T, T, x.device)  # (B|1, 1, T, T) causal & pads
+        inp = AttnInputs(mask=_bias_and_mask(bias, pad, x.dtype),  # (B|1, 1|H, T, T) or None
+                         is_causal=self.causal and pad is None)
         for i, layer in enumerate(self.layers):
             x = layer(x, inp, i)
         return self.final_norm(x) if self.final_norm is not None else x

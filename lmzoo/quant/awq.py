@@ -30,7 +30,7 @@ from lmzoo.nn.attention import Attention
 from lmzoo.nn.mlp import GatedMLP
 from lmzoo.nn.norms import LayerNorm, RMSNorm
 from lmzoo.quant.calibrate import (LayerInputs, collect_inputs, decoder_layers, layer_linears, quantizable, set_module,
-                                   trace_linears)
+                                   trace_linears, uncalled)
 from lmzoo.quant.gptq import int_linear
 from lmzoo.quant.uniform import affine_params, check_group_size, rtn
 
@@ -66,6 +66,65 @@ def search_scale(weights: list[torch.Tensor], x: torch.Tensor, bits: int, group_
 
 
 @torch.no_grad()
+@torch.no_grad()
+def search_scale_block(block: nn.Module, linears: list[nn.Linear], x: torch.Tensor, calls: list, refs: list,
+                       bits: int, group_size: int | None, n_grid: int = 20) -> tuple[torch.Tensor, float]:
+    """As ``search_scale``, but the error is measured on the output of ``block`` (the attention for
+    q/k/v, the MLP for gate/up), run on its recorded ``calls``: AutoAWQ's ``module2inspect``."""
+    x_stat = x.abs().mean(0)
+    originals = [lin.weight.detach().clone() for lin in linears]
+    best, best_s, best_alpha = float("inf"), torch.ones_like(x_stat), 0.0
+    try:
+        for k in range(n_grid):
+            alpha = k / n_grid
+            s = x_stat.pow(alpha).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            for lin, w in zip(linears, originals):
+                lin.weight.copy_(_fake_quant(w.float() * s, bits, group_size) / s)
+            err = sum(float((_first(block(*a, **kw)) - ref).pow(2).sum()) for (a, kw), ref in zip(calls, refs))
+            if err < best:
+                best, best_s, best_alpha = err, s, alpha
+    finally:
+        for lin, w in zip(linears, originals):
+            lin.weight.copy_(w)
+    return best_s, best_alpha
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def record_calls(layer: nn.Module, inputs: LayerInputs, i: int, names: list[str]) -> dict[str, tuple[list, list]]:
+    """Every call of the named submodules over all batches: ([(args, kwargs)], [output])."""
+    rec = {n: ([], []) for n in names}
+    handles = []
+    for n in names:
+        m = layer.get_submodule(n)
+        handles.append(m.register_forward_pre_hook(lambda m, a, kw, n=n: rec[n][0].append((a, kw)), with_kwargs=True))
+        handles.append(m.register_forward_hook(lambda m, a, out, n=n: rec[n][1].append(_first(out))))
+    try:
+        for b in range(len(inputs.hidden)):
+            inputs.run(layer, i, b)
+    finally:
+        for h in handles:
+            h.remove()
+    return rec
+
+
+def _block_of(group: list[str]) -> str:
+    """The innermost module holding every linear of the group (the linear itself when alone)."""
+    if len(group) == 1:
+        return group[0]
+    parts = [n.split(".") for n in group]
+    common = []
+    for segs in zip(*parts):
+        if len(set(segs)) != 1:
+            break
+        common.append(segs[0])
+    return ".".join(common)
+
+
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int | None, n_grid: int = 20,
                 max_shrink: float = 0.5) -> torch.Tensor:
     """Per (row, group) clipping value for w (out, in), chosen on sampled inputs x (tokens, in)."""
@@ -146,13 +205,24 @@ def run(model: nn.Module, spec: dict, batches: list[torch.Tensor], progress=None
     for i, layer in enumerate(decoder_layers(model)):
         names = list(layer_linears(layer, spec.get("skip", ())))
         groups = trace_linears(layer, inputs, i, names)
+        for n in uncalled(names, groups):  # no activations to weigh by: plain asymmetric rounding
+            lin = layer.get_submodule(n)
+            set_module(layer, n, int_linear(rtn(lin.weight, bits, gs, sym=False), lin, "awq"))
         feats = collect_inputs(layer, inputs, i, [g[0] for g, _ in groups])
         float_out = [inputs.run(layer, i, b) for b in range(len(inputs.hidden))]
+        blocks = {group[0]: _block_of(group) for group, _ in groups}
+        calls = record_calls(layer, inputs, i, sorted(set(b for b in blocks.values() if b))) if spec["block_loss"] else {}
         scales = {}
         for group, _ in groups:
-            s, _alpha = search_scale([layer.get_submodule(n).weight for n in group], feats[group[0]], bits, gs,
-                                     spec["n_grid"])
+            block = blocks[group[0]]
+            if block in calls:  # the error where it lands: the attention's or the MLP's output
+                s, _alpha = search_scale_block(layer.get_submodule(block), [layer.get_submodule(n) for n in group],
+                                               feats[group[0]], *calls[block], bits, gs, spec["n_grid"])
+            else:  # eq. 4 on the linears' own outputs
+                s, _alpha = search_scale([layer.get_submodule(n).weight for n in group], feats[group[0]], bits, gs,
+                                         spec["n_grid"])
             scales[group[0]] = s
+        del calls
         input_scaled: set[str] = set()
         for group, producer in groups:
             s = scales[group[0]]

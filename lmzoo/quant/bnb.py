@@ -221,8 +221,14 @@ class NF4Linear(QuantLinear):
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         n = self.in_features * self.out_features
-        codes = unpack_nibbles(self.weight, n)
-        w = unblock(codes, self.block_absmax(), self.quant_map, self.blocksize, n)
+        # Each byte holds two codes: look both up at once in a (256, 2) table, [code[b >> 4], code[b & 15]].
+        b = torch.arange(256, device=self.quant_map.device)
+        pairs = torch.stack([self.quant_map[b >> 4], self.quant_map[b & 15]], 1)  # (256, 2)
+        vals = pairs.index_select(0, self.weight.reshape(-1).view(torch.uint8).int()).view(-1)[:n]  # (n,)
+        pad = (-n) % self.blocksize
+        if pad:
+            vals = F.pad(vals, (0, pad))
+        w = vals.view(-1, self.blocksize).mul_(self.block_absmax()[:, None]).view(-1)[:n]
         return w.view(self.out_features, self.in_features).to(dtype)
 
     def ideal_bytes(self) -> float:

@@ -123,6 +123,7 @@ class LayerInputs:
 def trace_linears(layer: nn.Module, inputs: LayerInputs, i: int, names: list[str]):
     """Run layer ``i`` on batch 0 and report, in call order, groups of linears that read the same
     input tensor (q/k/v; gate/up) together with the submodule whose output that tensor is (or None).
+    Linears that batch 0 does not reach are left out (see ``uncalled``).
     """
     mods = dict(layer.named_modules())
     calls: list[tuple[str, torch.Tensor]] = []
@@ -150,11 +151,13 @@ def trace_linears(layer: nn.Module, inputs: LayerInputs, i: int, names: list[str
             producer = produced.get(id(x))
             groups.append(([n], producer[0] if producer is not None and producer[1] is x else None))
         last = x
-    missing = [n for n in names if all(n not in grp for grp, _ in groups)]
-    if missing:
-        raise LmzooError(f"quantize: layer {i}: linears {missing} are never called in a forward; "
-                         "there is nothing to calibrate them on")
     return groups
+
+
+def uncalled(names: list[str], groups) -> list[str]:
+    """Linears the calibration forward never reached (e.g. an expert no token was routed to)."""
+    seen = {n for grp, _ in groups for n in grp}
+    return [n for n in names if n not in seen]
 
 
 @torch.no_grad()

@@ -24,13 +24,16 @@ block takes its range from the block's updated weights (AutoGPTQ reads the stale
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
 from lmzoo.errors import LmzooError
-from lmzoo.quant.calibrate import LayerInputs, _Stop, decoder_layers, layer_linears, set_module, trace_linears
+from lmzoo.quant.calibrate import (LayerInputs, _Stop, decoder_layers, layer_linears, set_module, trace_linears,
+                                   uncalled)
 from lmzoo.quant.linear import IntLinear
-from lmzoo.quant.uniform import IntWeights, affine_params, check_group_size, n_groups, quantize_codes
+from lmzoo.quant.uniform import IntWeights, affine_params, check_group_size, n_groups, quantize_codes, rtn
 
 
 def inverse_hessian_factor(H: torch.Tensor, damp_percent: float, where: str = "layer") -> torch.Tensor:
@@ -140,7 +143,12 @@ def run(model: nn.Module, spec: dict, batches: list[torch.Tensor], progress=None
     layout = "gptq" if spec["sym"] else "gptq_v2"
     for i, layer in enumerate(decoder_layers(model)):
         names = list(layer_linears(layer, spec.get("skip", ())))
-        groups = [g for g, _ in trace_linears(layer, inputs, i, names)] if spec["true_sequential"] else [names]
+        traced = trace_linears(layer, inputs, i, names)
+        for n in uncalled(names, traced):  # no inputs, no Hessian: round to nearest instead
+            lin = layer.get_submodule(n)
+            set_module(layer, n, int_linear(rtn(lin.weight, spec["bits"], spec["group_size"], spec["sym"]), lin, layout))
+            print(f"gptq: layers.{i}.{n} saw no calibration tokens; rounded to nearest", file=sys.stderr)
+        groups = [g for g, _ in traced] if spec["true_sequential"] else [[n for g, _ in traced for n in g]]
         for group in groups:
             hessians = accumulate_hessians(layer, inputs, i, group)
             for n in group:

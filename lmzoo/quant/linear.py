@@ -51,6 +51,16 @@ class QuantLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantize(x.dtype), bias)
 
+    def _apply(self, fn, recurse=True):
+        # ``model.to(dtype)`` converts the bias but not the stored format: float16 scales, float32
+        # absmax/SCB are part of the layout the checkpoints define.
+        keep = {n: b.dtype for n, b in self.named_buffers(recurse=False)}
+        out = super()._apply(fn, recurse)
+        for n, dtype in keep.items():
+            if getattr(self, n).dtype != dtype:
+                setattr(self, n, getattr(self, n).to(dtype))
+        return out
+
     def quant_tensors(self) -> list[torch.Tensor]:
         return list(self.checkpoint_tensors().values())
 
@@ -160,7 +170,9 @@ class IntLinear(QuantLinear):
         return IntWeights(codes=codes.t().to(torch.uint8), scales=self.scales, zeros=zeros,
                           g_idx=self._g_idx().to(torch.int32), bits=b, group_size=self.group_size)
 
-    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+    def weight_t(self) -> torch.Tensor:
+        """The float32 (in, out) weight: s[g(i)] · (q - z[g(i)]) for input column i. In-place steps
+        keep the transient memory of a call to ~8 bytes per weight."""
         b, gs = self.bits, self.group_size
         if self.layout == "awq":
             codes, zeros = unpack_cols(self.qweight, b, AWQ_ORDER), unpack_cols(self.qzeros, b, AWQ_ORDER)
@@ -170,10 +182,12 @@ class IntLinear(QuantLinear):
         s, G = self.scales.float(), zeros.shape[0]
         g = self._g_idx()
         if G * gs == K and torch.equal(g, torch.arange(K, device=g.device) // gs):  # contiguous groups: broadcast
-            w_t = ((codes.view(G, gs, N) - zeros[:, None, :]).float() * s[:, None, :]).view(K, N)
-        else:  # act-order (or a shorter last group): gather each column's group
-            w_t = (codes - zeros[g]).float() * s[g]  # (in, out): s[g(i)] · (q - z[g(i)])
-        return w_t.t().to(dtype)
+            w = codes.view(G, gs, N).sub_(zeros[:, None, :]).float()
+            return w.mul_(s[:, None, :]).view(K, N)
+        return codes.sub_(zeros[g]).float().mul_(s[g])  # act-order (or a shorter last group): gather per column
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        return self.weight_t().t().to(dtype)
 
     # -- forward -------------------------------------------------------------------------------
     def int8_eligible(self) -> bool:
@@ -188,7 +202,8 @@ class IntLinear(QuantLinear):
             out = self._int8_forward(x)
             if out is not None:
                 return out
-        return super().forward(x)
+        out = torch.matmul(x, self.weight_t().to(x.dtype))  # (..., in) @ (in, out): no transposed copy
+        return out + self.bias.to(x.dtype) if self.bias is not None else out
 
     def _int8_forward(self, x: torch.Tensor) -> torch.Tensor | None:
         # torch._weight_int8pack_mm is vectorised for bf16 activations on the CPU; its float32 path

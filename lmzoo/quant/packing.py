@@ -78,7 +78,8 @@ def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
     R, N = packed.shape
     per = _per_word(bits)
     shifts = torch.arange(0, 32, bits, device=packed.device, dtype=torch.int32).view(1, per, 1)
-    return ((packed.to(torch.int32)[:, None, :] >> shifts) & (2**bits - 1)).view(R * per, N)  # row per·r + j
+    codes = packed.to(torch.int32)[:, None, :] >> shifts  # (R, per, N)
+    return codes.bitwise_and_(2**bits - 1).view(R * per, N)  # row per·r + j
 
 
 def pack_cols(q: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -97,11 +98,11 @@ def pack_cols(q: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) 
 def unpack_cols(packed: torch.Tensor, bits: int, order: tuple[int, ...] | None = None) -> torch.Tensor:
     """Inverse of ``pack_cols``: (rows, out·bits/32) int32 -> (rows, out) int32."""
     G, W = packed.shape
-    fields = _fields(packed, bits)  # (G, W, per), field i
-    if order is not None:
-        inverse = [list(order).index(c) for c in range(len(order))]
-        fields = fields[..., inverse]  # column c <- field inverse[c]
-    return fields.reshape(G, W * (32 // bits)).to(torch.int32)
+    per = _per_word(bits)
+    field = list(range(per)) if order is None else [list(order).index(c) for c in range(per)]  # field of column c
+    shifts = torch.tensor([bits * f for f in field], device=packed.device, dtype=torch.int32)
+    codes = packed.to(torch.int32)[..., None] >> shifts  # (G, W, per), already in column order
+    return codes.bitwise_and_(2**bits - 1).view(G, W * per)
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:

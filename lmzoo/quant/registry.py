@@ -41,7 +41,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
     Method("gptq", gptq.run, (2, 4, 8), 4, GROUPS, 128, True,
            {"sym": True, "desc_act": False, "damp_percent": 0.01, "block_size": 128, "true_sequential": True},
            "Hessian-aware column-by-column rounding with error feedback"),
-    Method("awq", awq.run, (4,), 4, GROUPS, 128, True, {"n_grid": 20, "clip": True},
+    Method("awq", awq.run, (4,), 4, GROUPS, 128, True, {"n_grid": 20, "clip": True, "block_loss": True},
            "activation-aware per-channel scales (folded) + clipping search, asymmetric"),
     Method("int8", bnb.run_int8, (8,), 8, (None,), None, False, {"threshold": 6.0},
            "LLM.int8(): vector-wise int8 with float outlier features"),
@@ -90,6 +90,9 @@ def quantize(model: nn.Module, method: str = "gptq", bits: int | None = None, gr
     m, spec = make_spec(method, bits, group_size, **options)
     if any(isinstance(mod, QuantLinear) for mod in model.modules()):
         raise LmzooError("quantize: the model is already quantized")
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        raise LmzooError("quantize: the quantizers run on the CPU; call model.cpu() first (the quantized model "
+                         "can be moved afterwards)")
     targets = quantizable(model, spec["skip"])
     if not targets:
         raise LmzooError("quantize: found no nn.Linear inside the decoder layers to quantize")

@@ -2,7 +2,8 @@
 
 ``measure`` evaluates one model directory in a fresh process (``python -m lmzoo.quant.report``), so
 that the peak resident memory it reports (the kernel's high-water mark, reset after the imports)
-belongs to that model alone: loading it, the perplexity pass and the decode. ``table`` and ``figure``
+belongs to that model alone: loading it, the perplexity pass and the decode. "RSS added" is that
+peak minus the resident memory before loading (Python and torch themselves take ~300 MiB). ``table`` and ``figure``
 lay several such results side by side (the ``lmzoo quantize`` report and benchmarks/bench_quant.py).
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -43,6 +43,24 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int = 128, max_wind
     return math.exp(nll / count)
 
 
+@torch.no_grad()
+def kl_divergence(ref: nn.Module, model: nn.Module, ids: torch.Tensor, seq_len: int = 128,
+                  max_windows: int | None = None) -> float:
+    """Mean KL(ref || model) of the next-token distributions over the same windows as ``perplexity``.
+    Unlike a perplexity difference it has no first-order term in the weight error, so it ranks
+    quantizers steadily even when they cost little."""
+    ids = ids.reshape(-1)
+    n = (len(ids) - 1) // seq_len
+    n = min(n, max_windows) if max_windows else n
+    total, count = 0.0, 0
+    for chunk in ids[: n * seq_len].view(n, seq_len).split(16):
+        p = torch.log_softmax(ref(chunk).logits.float(), -1)
+        q = torch.log_softmax(model(chunk).logits.float(), -1)
+        total += float((p.exp() * (p - q)).sum(-1).sum())
+        count += chunk.numel()
+    return total / count
+
+
 def weight_bytes(model: nn.Module) -> dict:
     """Bytes of the decoder layers' linear weights as stored, and the ideal for their bit width
     (bits · weights, plus scales and zero points); float linears count at their dtype."""
@@ -61,8 +79,9 @@ def weight_bytes(model: nn.Module) -> dict:
 
 
 @torch.no_grad()
-def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 3) -> float:
-    """Median tokens/s of greedy ``lmzoo.generate`` at batch 1 (prefill included), after one warmup."""
+def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32, repeats: int = 5) -> float:
+    """Tokens/s of greedy ``lmzoo.generate`` at batch 1 (prefill included), the fastest of ``repeats``
+    calls after one warmup: on a shared machine the fastest call is the one least disturbed."""
     import lmzoo
 
     lmzoo.generate(model, prompt, max_new_tokens=min(4, new_tokens))
@@ -71,7 +90,7 @@ def decode_speed(model: nn.Module, prompt: torch.Tensor, new_tokens: int = 32, r
         t0 = time.perf_counter()
         lmzoo.generate(model, prompt, max_new_tokens=new_tokens)
         times.append(time.perf_counter() - t0)
-    return new_tokens / statistics.median(times)
+    return new_tokens / min(times)
 
 
 def _hwm_kib() -> int | None:
@@ -127,8 +146,9 @@ def measure(model_dir: str | Path, ids: torch.Tensor, *, seq_len: int = 128, max
 
 
 COLUMNS = [("perplexity", "held-out perplexity", "{:.3f}"), ("ppl_change", "Δ perplexity", "{:+.2%}"),
+           ("kl", "KL from float", "{:.5f}"),
            ("linear_mib", "linear weights (MiB)", "{:.3f}"), ("ratio_to_ideal", "stored / ideal", "{:.3f}"),
-           ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"), ("decode_tokens_per_s", "decode tok/s (b=1)", "{:.1f}"),
+           ("peak_rss_mib", "peak RSS (MiB)", "{:.0f}"), ("rss_added_mib", "RSS added (MiB)", "{:.1f}"), ("decode_tokens_per_s", "decode tok/s (b=1)", "{:.1f}"),
            ("speed_ratio", "speed vs float", "{:.2f}×")]
 
 
@@ -143,10 +163,11 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["variant"] + [title for _, title, _ in COLUMNS]
-    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
+    head = ["variant"] + [title for _, title, _ in cols]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
     for r in rows:
-        cells = [r["name"]] + [fmt.format(r[k]) if r.get(k) is not None else "–" for k, _, fmt in COLUMNS]
+        cells = [r["name"]] + [fmt.format(r[k]) if r.get(k) is not None else "–" for k, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -161,10 +182,11 @@ def figure(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
     except ImportError:
         return None
     names = [r["name"] for r in rows]
-    panels = [("perplexity", "held-out perplexity (lower is better)"), ("linear_mib", "linear weights, MiB"),
-              ("peak_rss_mib", "peak RSS, MiB"), ("decode_tokens_per_s", "decode tokens/s, batch 1")]
+    panels = [("perplexity", "held-out perplexity (lower is better)"), ("linear_mib", "decoder linear weights, MiB"),
+              ("rss_added_mib", "RSS the model added (load + eval), MiB"), ("decode_tokens_per_s", "decode tokens/s, batch 1")]
     fig, axes = plt.subplots(1, 4, figsize=(4.2 * 4, 3.8))
-    colors = ["#777777"] + ["C%d" % i for i in range(len(rows) - 1)]
+    palette = [plt.cm.tab20(i) for i in range(20) if i not in (14, 15)]  # tab20 without its greys
+    colors = ["#555555"] + [palette[i % len(palette)] for i in range(len(rows) - 1)]
     for ax, (key, label) in zip(axes, panels):
         vals = [r.get(key) or 0 for r in rows]
         ax.bar(range(len(rows)), vals, color=colors)

@@ -126,9 +126,12 @@ def plan(keymap: KeyMap, shapes: dict[str, tuple[int, int]]) -> list[Link]:
         ours = [k for k in r.ours if k.endswith(".weight") and k[: -len(".weight")] in shapes]
         if not ours:
             continue
-        if len(ours) != len(r.ours) or len(r.hf) != 1 or not r.hf[0].endswith(".weight"):
-            raise CheckpointError(f"key-map rule {list(r.hf)} -> {list(r.ours)} mixes linear weights with other "
-                                  "tensors; lmzoo cannot map its quantized form")
+        if len(ours) != len(r.ours):
+            raise CheckpointError(f"key-map rule {list(r.hf)} -> {list(r.ours)} fuses modules that are not all "
+                                  f"quantized ({ours} are); quantize all of them or none (see skip=)")
+        if len(r.hf) != 1 or not r.hf[0].endswith(".weight"):
+            raise CheckpointError(f"key-map rule {list(r.hf)} -> {list(r.ours)} builds a linear from several "
+                                  "checkpoint tensors; lmzoo cannot map its quantized form")
         names = [k[: -len(".weight")] for k in ours]
         sizes = [shapes[n][0] * shapes[n][1] for n in names]
         starts = [sum(sizes[:j]) for j in range(len(sizes))]

@@ -45,3 +45,18 @@ def test_awq_folds_into_norms_and_linears_and_falls_back_to_input_scales():
     assert all(isinstance(m, IntLinear) and m.layout == "awq" for m in layer.modules() if hasattr(m, "qweight"))
     assert layer.attn.o_proj.input_scale is not None  # GQA: no fold
     assert layer.mlp.down_proj.input_scale is None and layer.attn.q_proj.input_scale is None  # folded
+
+
+def test_awq_on_gpt2_scales_the_input_of_down_proj_after_the_gelu():
+    from lmzoo.models.gpt2.config import GPT2Config
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, d_model=64, n_layers=1, n_heads=4, d_ff=256, max_positions=64)
+    model = lmzoo.build(cfg).eval()
+    ids = torch.randint(0, 64, (2, 16))
+    ref = model(ids).logits
+    quantize(model, "awq", group_size=64, calibration=[torch.randint(0, 64, (2, 32))])
+    layer = model.layers[0]
+    assert layer.mlp.down_proj.input_scale is not None  # GeLU between up and down: nothing to fold into
+    assert layer.attn.o_proj.input_scale is None and layer.mlp.up_proj.input_scale is None  # v -> o, ln_2 -> up
+    assert (model(ids).logits - ref).norm() / ref.norm() < 0.1

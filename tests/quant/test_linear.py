@@ -83,3 +83,11 @@ def test_bytes_within_five_percent_of_ideal():
         ideal = 512 * (512 * bits + (512 // (gs or 512)) * (16 + bits)) / 8
         assert m.ideal_bytes() == ideal
         assert m.weight_bytes() / ideal < 1.05, (bits, gs)
+
+
+def test_dtype_moves_keep_the_stored_format():
+    lin = nn.Linear(64, 16)
+    m = int_linear(rtn(lin.weight, 4, 32, sym=True), lin, "gptq").to(torch.bfloat16)
+    assert m.scales.dtype == torch.float16 and m.qweight.dtype == torch.int32 and m.bias.dtype == torch.bfloat16
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(m(x.bfloat16()).float(), lin(x), rtol=0.1, atol=0.05)

@@ -153,3 +153,11 @@ def test_unsupported_quantization_configs_are_named(tmp_path):
     with pytest.raises(lmzoo.CheckpointError, match="no module holds"):
         lmzoo.load(path)
 
+
+
+def test_fused_checkpoint_modules_must_be_quantized_together(tmp_path):
+    torch.manual_seed(0)
+    model = quantize(lmzoo.build(GPT2).eval(), "rtn", group_size=32, skip=("q_proj",))
+    with pytest.raises(lmzoo.CheckpointError, match="not all quantized"):  # c_attn holds q, k and v
+        lmzoo.save(model, tmp_path / "m")
+    assert not (tmp_path / "m").exists()

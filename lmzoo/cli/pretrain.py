@@ -1,0 +1,73 @@
+"""Pretrain any family from a YAML run config, with command-line overrides.
+
+  lmzoo pretrain --config configs/llama/tiny.yaml
+  lmzoo pretrain --config configs/gpt2/tiny.yaml --data corpus.txt more.jsonl --steps 500 --out runs/g
+  lmzoo pretrain --config configs/llama/tiny.yaml --out runs/l --resume       # after a crash
+  torchrun --nproc_per_node 2 -m lmzoo pretrain --config configs/llama/tiny.yaml --parallel fsdp
+
+The run folder holds metrics.jsonl, checkpoints/, loss.png and, at the end, final/ (lmzoo.load
+reads it). See docs/training.md for the config reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import yaml
+
+HELP = "pretrain a model from a YAML config (tokenizer, data, objective, the training loop)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", required=True, help="a run config, e.g. configs/llama/tiny.yaml")
+    p.add_argument("--data", nargs="+", metavar="FILE", help="training files (.txt, .jsonl, .json, .parquet, a "
+                   "datasets folder); default: the config's, else the built-in corpus")
+    p.add_argument("--field", help="the text field of JSONL/Parquet records")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--seed", type=int, help="seeds the weights, the data order and the objective's randomness")
+    p.add_argument("--out", help="the run folder (default: runs/<family>-<config name>)")
+    p.add_argument("--save-every", type=int, help="a checkpoint every N steps (always one at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun: DDP or FSDP2")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="bf16 autocast (CPU/GPU), fp16 (GPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--batch-size", type=int, help="global rows per micro-batch")
+    p.add_argument("--seq-len", type=int, help="tokens per row")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any other config value, e.g. --set train.warmup_steps=20 --set model.n_layers=2 "
+                        "(the value is read as YAML)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.save_every",
+             "parallel": "train.parallel", "precision": "train.precision", "device": "train.device", "lr": "train.lr",
+             "batch_size": "data.batch_size", "seq_len": "data.seq_len", "field": "data.field"}
+
+
+def run(args) -> int:
+    from lmzoo.errors import ConfigError
+    from lmzoo.stages import pretrain
+
+    cfg = pretrain.load_config(args.config)
+    if args.data:
+        pretrain.set_path(cfg, "data.files", list(args.data))
+    for attr, dotted in OVERRIDES.items():
+        if getattr(args, attr) is not None:
+            pretrain.set_path(cfg, dotted, getattr(args, attr))
+    if args.no_progress:
+        pretrain.set_path(cfg, "train.progress", False)
+    for item in args.set:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        pretrain.set_path(cfg, key, yaml.safe_load(value))
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg['model'].get('family', 'model')}-{Path(args.config).stem}"
+    res = pretrain.run(cfg, out, resume=args.resume, source=args.config)
+    if res.final_dir is not None:
+        ev = res.train.eval
+        tail = f", eval loss {ev['loss']:.4f} (ppl {ev['ppl']:.2f})" if ev else ""
+        print(f"trained {res.train.step} steps{tail}; final model in {res.final_dir}", file=sys.stderr)
+        print(res.final_dir)
+    return 0

@@ -1,0 +1,12 @@
+"""Training objectives: each a pure function of model outputs and targets, with a unit test.
+
+``contrastive``: the symmetric InfoNCE of CLIP.
+``causal_lm``: next-token prediction (+ MoE aux); ``masked_lm``: BERT's 80/10/10 masking + NSP;
+``span_corruption``: T5's sentinels; ``glm``: ChatGLM-6B's blank infilling; ``classification``: ViT.
+``base`` holds the registry: ``make_step_fn(name, ...)`` and ``make_transform(name, ...)`` give the
+training loop its ``step_fn`` and the data its seeded batch transform (docs/objectives.md).
+"""
+
+from lmzoo.objectives.base import OBJECTIVES, get_objective, make_step_fn, make_transform, objective_for
+
+__all__ = ["OBJECTIVES", "get_objective", "make_step_fn", "make_transform", "objective_for"]

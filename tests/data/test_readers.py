@@ -1,0 +1,101 @@
+"""Every reader gives the documents it should, and bad input names the file and what is wrong."""
+
+import json
+
+import pytest
+
+from lmzoo.data.readers import read_documents
+from lmzoo.errors import LmzooError
+
+
+def test_text_file_splits(tmp_path):
+    f = tmp_path / "a.txt"
+    f.write_text("one\ntwo\n\n\nthree\n  \nfour", encoding="utf-8")
+    assert list(read_documents(f)) == ["one\ntwo\n\n\nthree\n  \nfour"]
+    assert list(read_documents(f, split="blank")) == ["one\ntwo", "three", "four"]
+    assert list(read_documents(f, split="line")) == ["one", "two", "three", "four"]  # blank lines dropped
+
+
+def test_jsonl_field_and_errors(tmp_path):
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"text": "hello", "n": 1}\n\n{"text": "你好"}\n', encoding="utf-8")
+    assert list(read_documents(f)) == ["hello", "你好"]
+    g = tmp_path / "b.jsonl"
+    g.write_text('{"content": "x"}\n{"body": "y"}\n')
+    assert next(read_documents(g, field="content")) == "x"  # the first line is fine; the second lacks it
+    with pytest.raises(LmzooError, match=r"b\.jsonl: line 2 has no field 'content' \(it has \['body'\]\)"):
+        list(read_documents(g, field="content"))
+    h = tmp_path / "c.jsonl"
+    h.write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(LmzooError, match=r"c\.jsonl: line 2 is not valid JSON"):
+        list(read_documents(h))
+
+
+def test_json_records_join_paragraph_lists(tmp_path):
+    f = tmp_path / "poems.json"
+    f.write_text(json.dumps([{"title": "t", "paragraphs": ["床前明月光，", "疑是地上霜。"]}], ensure_ascii=False))
+    assert list(read_documents(f, field="paragraphs")) == ["床前明月光，\n疑是地上霜。"]
+    f.write_text(json.dumps(["a", "b"]))
+    assert list(read_documents(f)) == ["a", "b"]
+
+
+def test_empty_missing_and_binary_inputs_name_the_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n\n")
+    with pytest.raises(LmzooError, match=r"empty\.txt: holds no text"):
+        list(read_documents(empty))
+    with pytest.raises(LmzooError, match=r"nope\.txt: no such file"):
+        list(read_documents(tmp_path / "nope.txt"))
+    binary = tmp_path / "blob.txt"
+    binary.write_bytes(b"\xff\xfe\x00abc")
+    with pytest.raises(LmzooError, match=r"blob\.txt: not UTF-8 text"):
+        list(read_documents(binary))
+
+
+def test_parquet_column(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    f = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": ["first doc", "second doc"], "id": [1, 2]}), f)
+    assert list(read_documents(f)) == ["first doc", "second doc"]
+    with pytest.raises(LmzooError, match=r"a\.parquet: no column 'body'"):
+        list(read_documents(f, field="body"))
+
+
+def _save_to_disk(folder, table, pa):
+    """The layout datasets' save_to_disk writes: Arrow stream files listed in state.json."""
+    folder.mkdir(parents=True)
+    with pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink:
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+    (folder / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}],
+                                                   "_split": None}))
+    (folder / "dataset_info.json").write_text("{}")
+
+
+def test_hf_save_to_disk_folders(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    _save_to_disk(tmp_path / "ds", pa.table({"text": ["a b", "c d"]}), pa)
+    assert list(read_documents(tmp_path / "ds")) == ["a b", "c d"]
+    root = tmp_path / "dd"
+    _save_to_disk(root / "train", pa.table({"content": ["train text"]}), pa)
+    _save_to_disk(root / "test", pa.table({"content": ["test text"]}), pa)
+    (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train", "test"]}))
+    assert list(read_documents(root, field="content")) == ["train text"]
+    assert list(read_documents(root, field="content", split="test")) == ["test text"]
+    with pytest.raises(LmzooError, match="no split 'validation'"):
+        list(read_documents(root, field="content", split="validation"))
+    with pytest.raises(LmzooError, match="not a dataset folder"):
+        list(read_documents(tmp_path))
+
+
+def test_shared_corpora_read_when_present():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "corpora"
+    if not root.is_dir():
+        pytest.skip(f"{root} is absent (the shared real corpora)")
+    docs = list(read_documents(root / "zh" / "tang300.json", field="paragraphs"))
+    assert len(docs) == len(json.loads((root / "zh" / "tang300.json").read_text(encoding="utf-8")))  # one per poem
+    assert sum(len(d) for d in read_documents(root / "en" / "tinyshakespeare.txt")) > 1_000_000
