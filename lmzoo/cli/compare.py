@@ -27,6 +27,7 @@ SHAPE_MASKS = {
     "prefix decoder": [("", "prefix (bidirectional over the input, causal over the output)")],
     "encoder": [("", "bidirectional")],
     "encoder-decoder": [("encoder", "bidirectional"), ("decoder", "causal + cross to the encoder")],
+    "dual encoder": [("image", "bidirectional"), ("text", "causal")],
 }
 
 ASPECTS = ["tokenisation", "objective", "input representation", "attention", "architecture"]
@@ -63,7 +64,8 @@ def column(name: str) -> dict:
     unknown = "(not registered)"
     return {
         "name": col, "family": fam.name, "preset": preset,
-        "tokenisation": f"{fam.tokenizer or unknown}; vocabulary {cfg.vocab_size:,}",
+        "tokenisation": f"{fam.tokenizer or unknown}" + (f"; vocabulary {cfg.vocab_size:,}"
+                                                         if hasattr(cfg, "vocab_size") else ""),  # ViT has none
         "objective": fam.objective or unknown,
         "input representation": f"{fam.inputs or unknown}; positions: {cells['position']}",
         "attention": f"{masks}; {cells['attention']}",

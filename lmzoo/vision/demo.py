@@ -1,14 +1,19 @@
 """Train a tiny ViT classifier or a tiny CLIP from scratch on the built-in shapes (lmzoo/vision/shapes.py),
 on the CPU, in minutes. ``lmzoo train vit|clip`` runs these.
 
-    vit   25-way colour/shape classification; reports accuracy on fresh images
-    clip  contrastive training on the captions of 20 colour/shape pairs; reports zero-shot accuracy
-          on images of the 5 held-out pairs, choosing among the prompts "a {colour} {shape}" of all 25
+    vit   50-way colour/shape classification; reports accuracy on new images
+    clip  contrastive training on the captions of 45 colour/shape pairs; reports zero-shot accuracy
+          on images of the 5 held-out pairs, choosing among the prompts "a {colour} {shape}" of all 50
 
-The seam to the shared training loop (lmzoo/train): ``fit`` is given exactly what ``lmzoo.train.Trainer``
-takes -- a model, an iterator of dict batches, and ``step_fn(model, batch) -> (loss, metrics)`` -- plus
-``after_step`` (CLIP clamps its logit scale there). Everything else here (data, objective, evaluation,
-pictures) does not depend on which loop runs it; moving onto the shared loop replaces ``fit`` only.
+Each CLIP batch holds 45 pairs with no colour/shape pair twice (``distinct_pairs``): with repeats, two
+images of one pair are each other's negatives in InfoNCE, and the demo learns markedly slower.
+
+The seam to the shared training loop (``lmzoo.train.Trainer``): ``fit`` is given what the Trainer is
+given -- the model, ``ShapeBatches`` (an endless iterator of dict batches with ``state_dict`` /
+``load_state_dict``, the data position as JSON), and ``step_fn(model, batch) -> (loss, metrics)`` --
+plus ``after_step``, where CLIP clamps its logit scale (the Trainer has no such hook; the clamp can
+move to the start of the step function). Data, objectives, evaluation and pictures do not depend on
+which loop runs them: moving onto the shared loop replaces ``fit`` and nothing else.
 """
 
 from __future__ import annotations
@@ -36,8 +41,8 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP clips the learned temperature at 100 (
 
 @dataclass
 class DemoConfig:
-    steps: int = 500
-    batch_size: int = 64
+    steps: int = 1500
+    batch_size: int = 45  # = the CLIP demo's 45 training pairs, each once per batch
     lr: float = 2e-3
     warmup: int = 25
     weight_decay: float = 0.05
@@ -62,7 +67,8 @@ def pixels(images: torch.Tensor) -> torch.Tensor:
 def fit(model: nn.Module, batches: Iterator[Batch], step_fn: StepFn, *, steps: int, lr: float, warmup: int,
         weight_decay: float, after_step: Callable[[nn.Module], None] | None = None, log_every: int = 50,
         log: Callable[[str], None] = print) -> list[float]:
-    """AdamW (decay on matrices only), linear warmup then cosine decay to 10%; returns the loss per step."""
+    """AdamW (β2 = 0.98, decay on matrices only), gradient norm clipped at 1, linear warmup then cosine
+    decay to 10% of the peak; returns the loss of every step."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -98,6 +104,7 @@ def fit(model: nn.Module, batches: Iterator[Batch], step_fn: StepFn, *, steps: i
 
 
 def tiny_vit(cfg: DemoConfig) -> nn.Module:
+    """A tiny ViT classifier over the 50 colour/shape classes (labels "red circle", "red square", ...)."""
     names = [f"{c} {s}" for c, s in shapes.all_combos()]
     vcfg = ViTConfig(d_model=cfg.d_model, n_layers=cfg.n_layers, n_heads=cfg.n_heads, d_ff=cfg.d_ff,
                      image_size=cfg.image_size, patch_size=cfg.patch_size, pooler=False,
@@ -105,10 +112,32 @@ def tiny_vit(cfg: DemoConfig) -> nn.Module:
     return lmzoo.build(vcfg)
 
 
-def vit_batches(cfg: DemoConfig, g: torch.Generator) -> Iterator[Batch]:
-    while True:
-        s = shapes.sample(cfg.batch_size, g, cfg.image_size)
-        yield {"pixel_values": pixels(s.images), "labels": s.labels}
+class ShapeBatches:
+    """Endless seeded batches of ``shapes.sample``, turned into model inputs by ``make``; the position is
+    the number of batches drawn, and restoring it replays the generator to the same place."""
+
+    def __init__(self, make: Callable[[shapes.Sample], Batch], cfg: DemoConfig, **sample_kw):
+        self.make, self.cfg, self.sample_kw = make, cfg, sample_kw
+        self.load_state_dict({"drawn": 0})
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        self.drawn += 1
+        return self.make(shapes.sample(self.cfg.batch_size, self.g, self.cfg.image_size, **self.sample_kw))
+
+    def state_dict(self) -> dict:
+        return {"seed": self.cfg.seed, "drawn": self.drawn}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.g, self.drawn = torch.Generator().manual_seed(self.cfg.seed), 0
+        for _ in range(state["drawn"]):
+            next(self)
+
+
+def vit_batches(cfg: DemoConfig) -> ShapeBatches:
+    return ShapeBatches(lambda s: {"pixel_values": pixels(s.images), "labels": s.labels}, cfg)
 
 
 def vit_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -134,12 +163,12 @@ def tiny_clip(cfg: DemoConfig, vocab: shapes.WordVocab, max_len: int = 10) -> nn
     return lmzoo.build(CLIPConfig(text=text, vision=vision, projection_dim=cfg.projection_dim))
 
 
-def clip_batches(cfg: DemoConfig, g: torch.Generator, vocab: shapes.WordVocab) -> Iterator[Batch]:
-    combos = shapes.train_combos()
-    while True:
-        s = shapes.sample(cfg.batch_size, g, cfg.image_size, combos=combos, distinct=cfg.distinct_pairs)
+def clip_batches(cfg: DemoConfig, vocab: shapes.WordVocab) -> ShapeBatches:
+    def make(s: shapes.Sample) -> Batch:
         ids, mask = vocab.encode(s.captions)
-        yield {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(s.images)}
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(s.images)}
+
+    return ShapeBatches(make, cfg, combos=shapes.train_combos(), distinct=cfg.distinct_pairs)
 
 
 def clip_step(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
@@ -167,8 +196,9 @@ def _accuracy(pred: torch.Tensor, s: shapes.Sample) -> float:
     return (pred == s.labels).float().mean().item()
 
 
-def _write(out: Path | None, model, losses, s: shapes.Sample, pred: torch.Tensor, metrics: dict, title: str,
-           plot: bool, extra_files: dict[str, str] | None = None) -> None:
+def _write(out: Path | None, model, losses, s: shapes.Sample, pred: torch.Tensor, metrics: dict,
+           titles: tuple[str, str], plot: bool, extra_files: dict[str, str] | None = None) -> None:
+    """model/ (lmzoo.save), metrics.json, extra files, and loss.png + predictions.png titled ``titles``."""
     if out is None:
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -181,26 +211,26 @@ def _write(out: Path | None, model, losses, s: shapes.Sample, pred: torch.Tensor
 
         names = [f"{c} {sh}" for c, sh in shapes.all_combos()]
         n = min(24, len(pred))
-        loss_curve(losses, out / "loss.png", title)
+        loss_curve(losses, out / "loss.png", titles[0])
         prediction_grid(s.images[:n], [names[i] for i in pred[:n].tolist()],
                         (pred[:n] == s.labels[:n]).tolist(), out / "predictions.png",
-                        f"{title}: {metrics['headline']}")
+                        f"{titles[1]}: {metrics['headline']}")
 
 
 def train_vit(cfg: DemoConfig, out: str | Path | None = None, plot: bool = True, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     model = tiny_vit(cfg)
-    g = torch.Generator().manual_seed(cfg.seed)
     log(f"ViT: {model.num_parameters():,} parameters, {cfg.image_size}px images in {cfg.patch_size}px patches")
-    losses = fit(model, vit_batches(cfg, g), vit_step, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+    losses = fit(model, vit_batches(cfg), vit_step, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
                  weight_decay=cfg.weight_decay, log_every=cfg.log_every, log=log)
     test = shapes.sample(cfg.eval_images, torch.Generator().manual_seed(cfg.seed + 10_000), cfg.image_size)
     pred = eval_vit(model, test)
     acc = _accuracy(pred, test)
-    metrics = {"task": "25-way colour/shape classification", "accuracy": acc, "final_loss": losses[-1],
+    metrics = {"task": "50-way colour/shape classification", "accuracy": acc, "final_loss": losses[-1],
                "headline": f"accuracy {acc:.1%} on {len(test.captions)} new images", "config": asdict(cfg)}
     log(metrics["headline"])
-    _write(Path(out) if out else None, model, losses, test, pred, metrics, "ViT on shapes", plot)
+    _write(Path(out) if out else None, model, losses, test, pred, metrics,
+           ("ViT on the shapes: cross-entropy, 50 classes", "ViT"), plot)
     return {**metrics, "model": model, "losses": losses}
 
 
@@ -208,23 +238,23 @@ def train_clip(cfg: DemoConfig, out: str | Path | None = None, plot: bool = True
     torch.manual_seed(cfg.seed)
     vocab = shapes.WordVocab()
     model = tiny_clip(cfg, vocab)
-    g = torch.Generator().manual_seed(cfg.seed)
     log(f"CLIP: {model.num_parameters():,} parameters; training on {len(shapes.train_combos())} colour/shape "
         f"pairs, holding out {', '.join(f'{c} {s}' for c, s in shapes.HELD_OUT)}")
-    losses = fit(model, clip_batches(cfg, g, vocab), clip_step, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
+    losses = fit(model, clip_batches(cfg, vocab), clip_step, steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup,
                  weight_decay=cfg.weight_decay, after_step=clamp_logit_scale, log_every=cfg.log_every, log=log)
     eval_g = torch.Generator().manual_seed(cfg.seed + 10_000)
     held = shapes.sample(cfg.eval_images, eval_g, cfg.image_size, combos=shapes.HELD_OUT)
     seen = shapes.sample(cfg.eval_images, eval_g, cfg.image_size, combos=shapes.train_combos())
     pred = zero_shot(model, vocab, held)
     acc, seen_acc = _accuracy(pred, held), _accuracy(zero_shot(model, vocab, seen), seen)
-    metrics = {"task": "zero-shot colour/shape classification over 25 prompts",
+    metrics = {"task": "zero-shot colour/shape classification over 50 prompts",
                "held_out_pairs": [f"{c} {s}" for c, s in shapes.HELD_OUT],
                "zero_shot_accuracy_held_out": acc, "zero_shot_accuracy_seen": seen_acc, "final_loss": losses[-1],
                "headline": f"zero-shot {acc:.1%} on held-out pairs ({seen_acc:.1%} on seen)", "config": asdict(cfg)}
     log(metrics["headline"])
-    _write(Path(out) if out else None, model, losses, held, pred, metrics, "CLIP zero-shot on held-out pairs", plot,
-           {"vocab.json": json.dumps(vocab.words, indent=0) + "\n"})
+    _write(Path(out) if out else None, model, losses, held, pred, metrics,
+           (f"CLIP on the shapes: InfoNCE over {cfg.batch_size} pairs a batch", "CLIP, images of held-out pairs"),
+           plot, {"vocab.json": json.dumps(vocab.words, indent=0) + "\n"})
     return {**metrics, "model": model, "losses": losses, "vocab": vocab}
 
 

@@ -57,11 +57,11 @@ def to_tensor(image) -> torch.Tensor:
 
 
 def read_image(path: str | Path) -> torch.Tensor:
-    """An image file -> (3, H, W) uint8 RGB tensor (needs Pillow: ``pip install pillow``)."""
+    """An image file -> (3, H, W) uint8 RGB tensor (needs Pillow: ``pip install 'lmzoo[vision]'``)."""
     try:
         from PIL import Image
     except ImportError as e:
-        raise LmzooError("reading image files needs Pillow: pip install pillow") from e
+        raise LmzooError("reading image files needs Pillow: pip install 'lmzoo[vision]'") from e
     try:
         with Image.open(path) as im:
             return to_tensor(im)

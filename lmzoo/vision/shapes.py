@@ -1,15 +1,18 @@
-"""Built-in vision data: coloured shapes at positions, with captions, drawn on the fly from a seed.
+"""Built-in vision data: coloured shapes at places, with captions, drawn on the fly from a seed.
 
-    image    a shape (circle, square, triangle, diamond, cross) of one colour (red, green, blue, yellow,
-             purple) on a noisy grey background, at one of five places (left, right, top, bottom,
-             centre), with its size, exact place and shade jittered
+    image    a shape (circle, square, triangle, diamond, cross) in one of ten colours (red, orange,
+             yellow, green, cyan, blue, purple, pink, white, brown) on a noisy grey background, at one
+             of five places (left, right, top, bottom, centre); size, exact place and shade jittered,
+             edges anti-aliased
     caption  "a red circle on the left" / "a blue cross at the top" / "a green square in the centre",
              or without the place ("a red circle") half of the time, so that the zero-shot prompts
              "a {colour} {shape}" are sentences of the training distribution
 
-``SPLIT`` holds out one colour/shape combination per colour and per shape (a diagonal of the 5x5
-table): a model trained on the other 20 has seen every word and every colour and shape, but never
-these pairs together, which is what zero-shot classification over them measures.
+``HELD_OUT`` keeps five of the 50 colour/shape pairs out of training, one per shape (red circle,
+yellow square, cyan triangle, purple diamond, white cross): a model trained on the other 45 has seen
+every word, every colour and every shape, each shape in nine colours, but never these pairs, which
+is what zero-shot classification over them measures. (With two pairs out per shape, ten in all, the
+demo's tiny CLIP needs about twice the steps and varies more between seeds; docs/clip.md.)
 
 Captions are tokenised by ``WordVocab``: one id per word of the generator's own vocabulary, 0 = pad,
 then BOS and EOS as the two highest ids (so CLIP's "read at EOS" rule and its older "read at the
@@ -28,7 +31,7 @@ COLOURS = {"red": (220, 45, 45), "orange": (245, 140, 30), "yellow": (235, 220, 
 SHAPES = ["circle", "square", "triangle", "diamond", "cross"]
 PLACES = {"left": ("on the left", 0.34, 0.5), "right": ("on the right", 0.66, 0.5), "top": ("at the top", 0.5, 0.34),
           "bottom": ("at the bottom", 0.5, 0.66), "centre": ("in the centre", 0.5, 0.5)}  # phrase, x, y (fractions)
-# (colour, shape) pairs never shown in training: colour i with shape i
+# (colour, shape) pairs never shown in training: shape i with colour 2i
 HELD_OUT = [(list(COLOURS)[2 * i], shape) for i, shape in enumerate(SHAPES)]
 
 

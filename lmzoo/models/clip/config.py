@@ -53,6 +53,9 @@ class CLIPTextConfig:
 
     def __post_init__(self):
         _check_tower("text", self, ("vocab_size", "max_positions"))
+        if not isinstance(self.eos_token_id, int) or isinstance(self.eos_token_id, bool):
+            raise ConfigError(f"clip text: eos_token_id must be one integer (the text is read there), "
+                              f"got {self.eos_token_id!r}")
 
     @classmethod
     def from_hf(cls, hf: dict) -> "CLIPTextConfig":
@@ -160,9 +163,6 @@ class CLIPConfig:
             act = tower.get("hidden_act", "quick_gelu")
             if act not in ACTIVATIONS:
                 raise ConfigError(f"{source}: {name}.hidden_act '{act}' is not supported; known: {sorted(ACTIVATIONS)}")
-            eos = tower.get("eos_token_id")
-            if isinstance(eos, list):
-                raise ConfigError(f"{source}: {name}.eos_token_id {eos} is a list; CLIP reads the text at one EOS id")
         try:
             return cls(text=CLIPTextConfig.from_hf(text), vision=CLIPVisionConfig.from_hf(vision),
                        projection_dim=hf.get("projection_dim", 512),

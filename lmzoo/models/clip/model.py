@@ -116,7 +116,7 @@ class CLIP(nn.Module):
         p = self.vision.patches
         return {"position": f"learned (text); learned 2D, {p.grid}x{p.grid} patches of {p.patch_size}px + [CLS] (image)",
                 "activation": t["activation"], "norm": t["norm"] + " + pre-LN on patches",
-                "attention": f"text: causal {t['attention']}; image: {v['attention']}",
+                "attention": f"{t['attention']} (text), {v['attention']} (image)",
                 "layers": f"{len(self.text.encoder.layers)}+{len(self.vision.encoder.layers)}"}
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:

@@ -167,6 +167,10 @@ def test_bad_configs_and_checkpoints_fail_loudly(tmp_path):
     bad_act["text_config"]["hidden_act"] = "mish"
     with pytest.raises(ConfigError, match=r"text_config\.hidden_act 'mish'"):
         lmzoo.load(write("act", c=bad_act))
+    eos_list = json.loads(json.dumps(cfg))
+    eos_list["text_config"]["eos_token_id"] = [EOS, 2]
+    with pytest.raises(ConfigError, match=r"config\.json: clip text: eos_token_id must be one integer"):
+        lmzoo.load(write("eos", c=eos_list))
     rect = json.loads(json.dumps(cfg))
     rect["vision_config"]["image_size"] = [32, 48]
     with pytest.raises(ConfigError, match="not square"):
