@@ -58,6 +58,10 @@ class ViT(nn.Module):
         if labels is not None:
             if out.logits is None:
                 raise ValueError("labels need the classifier; this ViT has none (num_labels = 0)")
+            if labels.is_floating_point() or self.config.num_labels < 2:
+                # transformers would switch to MSE (num_labels = 1) or a multi-label BCE (float labels)
+                raise ValueError("the ViT loss is single-label cross-entropy: integer class ids and at least "
+                                 f"2 labels (got {labels.dtype} labels, num_labels = {self.config.num_labels})")
             out.loss = F.cross_entropy(out.logits.float(), labels.to(out.logits.device).reshape(-1))
         return out
 

@@ -63,6 +63,8 @@ def test_classifier_parity_and_loss(tmp_path):
     assert abs(a.loss.item() - b.loss.item()) <= ATOL
     # the classifier reads the final, normed [CLS] state
     assert max_diff(a.logits, ours.classifier(a.last_hidden_state[:, 0])) == 0.0
+    with pytest.raises(ValueError, match="single-label cross-entropy"):  # transformers: multi-label BCE
+        ours(x, labels=torch.zeros(3, 5))
 
 
 @pytest.mark.parametrize("size", [(48, 48), (64, 40), (16, 24)])
