@@ -8,7 +8,8 @@ divides the activations by the same scale, which leaves the float function uncha
 
 α ∈ {0, 1/n, ..., (n−1)/n} is chosen by grid search to minimise the output error of the linears
 that read X (eq. 4; α = 0 is plain RTN, so the search never does worse on the calibration data),
-with s normalised by sqrt(max·min). diag(s)⁻¹ is then folded into whatever produced X:
+with s normalised by sqrt(max·min). By default the error is measured on the output of the block
+holding them (the attention for q/k/v, the MLP for gate/up), as AutoAWQ's ``module2inspect`` does. diag(s)⁻¹ is then folded into whatever produced X:
   - a norm (RMSNorm / LayerNorm, pre-norm blocks): its weight (and bias) divided by s;
   - a linear whose outputs map one-to-one onto X's channels: ``v_proj`` -> ``o_proj`` when there
     are as many K/V heads as query heads, ``up_proj`` -> ``down_proj`` in a gated MLP (FOLD_PAIRS);
