@@ -161,18 +161,17 @@ def uncalled(names: list[str], groups) -> list[str]:
 
 
 @torch.no_grad()
-def collect_inputs(layer: nn.Module, inputs: LayerInputs, i: int, names: list[str], stop_after: str | None = None,
-                   max_tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """(tokens, in_features) inputs of the named linears over all batches (optionally only the
-    first ``max_tokens``), running each batch only as far as ``stop_after``."""
+def feed_linears(layer: nn.Module, inputs: LayerInputs, i: int, names: list[str], on_input,
+                 stop_after: str | None = None) -> None:
+    """Run every calibration batch through layer ``i``, calling ``on_input(name, x)`` with each named
+    linear's (tokens, in_features) input; a batch stops once ``stop_after`` has seen its input."""
     mods = dict(layer.named_modules())
-    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
 
     def pre(n):
         def f(_m, a):
-            got[n].append(a[0].reshape(-1, a[0].shape[-1]).float())
+            on_input(n, a[0].reshape(-1, a[0].shape[-1]))
             if n == stop_after:
-                raise _Stop
+                raise _Stop  # the rest of the layer is not needed for these linears
         return f
 
     handles = [mods[n].register_forward_pre_hook(pre(n)) for n in names]
@@ -185,6 +184,15 @@ def collect_inputs(layer: nn.Module, inputs: LayerInputs, i: int, names: list[st
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def collect_inputs(layer: nn.Module, inputs: LayerInputs, i: int, names: list[str], stop_after: str | None = None,
+                   max_tokens: int | None = None) -> dict[str, torch.Tensor]:
+    """(tokens, in_features) inputs of the named linears over all batches (optionally only the
+    first ``max_tokens``), running each batch only as far as ``stop_after``."""
+    got: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    feed_linears(layer, inputs, i, names, lambda n, x: got[n].append(x.float()), stop_after)
     out = {n: torch.cat(v) for n, v in got.items()}
     return {n: (x[:max_tokens] if max_tokens else x) for n, x in out.items()}
 

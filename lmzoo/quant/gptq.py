@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from lmzoo.errors import LmzooError
-from lmzoo.quant.calibrate import (LayerInputs, _Stop, decoder_layers, layer_linears, set_module, trace_linears,
+from lmzoo.quant.calibrate import (LayerInputs, decoder_layers, feed_linears, layer_linears, set_module, trace_linears,
                                    uncalled)
 from lmzoo.quant.linear import IntLinear
 from lmzoo.quant.uniform import IntWeights, affine_params, check_group_size, n_groups, quantize_codes, rtn
@@ -113,27 +113,13 @@ def accumulate_hessians(layer: nn.Module, inputs: LayerInputs, i: int, names: li
     mods = dict(layer.named_modules())
     H = {n: torch.zeros(mods[n].in_features, mods[n].in_features, dtype=torch.float64) for n in names}
     count = {n: 0 for n in names}
-    last = names[-1]
 
-    def pre(n):
-        def f(_m, a):
-            x = a[0].reshape(-1, a[0].shape[-1]).double()  # (tokens, in)
-            H[n] += x.t() @ x
-            count[n] += x.shape[0]
-            if n == last:
-                raise _Stop  # the rest of the layer is not needed for these linears
-        return f
+    def add(n, x):
+        x = x.double()  # (tokens, in)
+        H[n] += x.t() @ x
+        count[n] += x.shape[0]
 
-    handles = [mods[n].register_forward_pre_hook(pre(n)) for n in names]
-    try:
-        for b in range(len(inputs.hidden)):
-            try:
-                inputs.run(layer, i, b)
-            except _Stop:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    feed_linears(layer, inputs, i, names, add, stop_after=names[-1])
     return {n: 2.0 * H[n] / max(count[n], 1) for n in names}
 
 
