@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/lmzoo speedrun
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q  # addopts adds -rs: the summary line and every skip reason
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_llama.py

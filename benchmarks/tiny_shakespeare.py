@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +24,7 @@ import lmzoo
 from lmzoo.models.llama.config import LlamaConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "corpora" / "en" / "tinyshakespeare.txt"
+CORPUS = Path(os.environ.get("LMZOO_SHARED_DATA") or ROOT.parent / "shared" / "data") / "corpora" / "en" / "tinyshakespeare.txt"
 HELD_OUT = 0.1
 
 

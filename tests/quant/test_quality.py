@@ -21,10 +21,11 @@ import torch
 
 import lmzoo
 from lmzoo.quant.report import perplexity
+from tests.shared_data import DATA, need
 
 ROOT = Path(__file__).resolve().parents[2]
-CORPUS = ROOT.parent / "shared" / "data" / "corpora" / "en" / "tinyshakespeare.txt"
-pytestmark = pytest.mark.skipif(not CORPUS.exists(), reason=f"corpus not found: {CORPUS} (../shared/data)")
+CORPUS = DATA / "corpora" / "en" / "tinyshakespeare.txt"
+
 SEQ = 64
 
 
@@ -37,6 +38,7 @@ def _trainer():
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
+    need(CORPUS)
     ts = _trainer()
     path = tmp_path_factory.mktemp("shakespeare") / "model"
     ts.train(path, d_model=128, n_layers=2, n_heads=4, d_ff=384, seq_len=SEQ, batch=16, steps=100, lr=4e-3, seed=0)

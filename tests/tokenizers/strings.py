@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+from tests.shared_data import DATA, need  # noqa: F401  (need: re-exported for the tokenizer tests)
+
 TOKENIZERS = DATA / "tokenizers"
 CORPORA = DATA / "corpora"
 
@@ -27,12 +28,6 @@ EDGE_CASES = [
     "ＡＢＣ全角字母", "１２３全角数字", "ＦｕｌｌＷｉｄｔｈ　全角　空格",
 ]
 SPECIAL_LOOKING = ["<s>hello</s>", "<|endoftext|>", "[CLS] x [SEP]", "<|im_start|>user\nhi<|im_end|>"]
-
-
-def need(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"{path} is absent (the shared real-data folder ../shared/data is not mounted)")
-    return path
 
 
 def corpus_lines(n_zh: int = 80, n_en: int = 80, n_mixed: int = 40, seed: int = 0) -> list[str]:
