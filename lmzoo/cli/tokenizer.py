@@ -52,7 +52,7 @@ def add_arguments(p) -> None:
     c.add_argument("--en", required=True, nargs="+", help="English text file(s)")
     c.add_argument("--max-chars", type=int, help="use only the first N characters of each text")
     c.add_argument("--out", default="tokenizer_compare", help="directory for compare.md, compare.json, compare.png")
-    c.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    c.add_argument("--no-plot", action="store_true", help="skip the PNG chart (only the table and compare.json)")
 
 
 def _named(spec: str) -> tuple[str, str]:
@@ -105,7 +105,7 @@ def _compare(args) -> int:
     print(table, end="")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(table)
+    (out / "compare.md").write_text(table, encoding="utf-8")
     (out / "compare.json").write_text(json.dumps([s.__dict__ for s in stats], indent=2) + "\n")
     if not args.no_plot:
         print(f"chart: {plot(stats, out / 'compare.png')}")

@@ -66,7 +66,7 @@ def to_markdown(stats: list[TokenizerStats], note: str = "") -> str:
 
 
 def plot(stats: list[TokenizerStats], path) -> Path:
-    """A bar chart of the four ratios, one panel each (needs matplotlib: ``pip install lmzoo[plot]``)."""
+    """A bar chart of the four ratios, one panel each (matplotlib, which lmzoo installs)."""
     try:
         import matplotlib
 
@@ -75,7 +75,8 @@ def plot(stats: list[TokenizerStats], path) -> Path:
     except ImportError as e:
         from lmzoo.errors import LmzooError
 
-        raise LmzooError("the PNG chart needs matplotlib: pip install 'lmzoo[plot]' (or pass --no-plot)") from e
+        raise LmzooError(f"the PNG chart needs matplotlib, which lmzoo depends on but cannot import here ({e}); "
+                         "reinstall it with `pip install matplotlib`, or pass --no-plot") from e
     panels = [("zh_tokens_per_char", "tokens per Chinese character (lower is better)"),
               ("en_tokens_per_word", "tokens per English word (lower is better)"),
               ("zh_bytes_per_token", "UTF-8 bytes per token, Chinese"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmzoo.data.readers import read_utf8, text_lines
 from lmzoo.errors import ConfigError
 
 BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
@@ -19,10 +20,12 @@ GPT2_EOT = "<|endoftext|>"
 
 
 def read_bert_vocab(path: Path) -> dict[str, int]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    # id = line number, lines ending at "\n" as transformers' load_vocab reads them (not splitlines():
+    # a token such as "\u2028" or "##\u2028" would become two lines and shift every later id)
+    lines = text_lines(read_utf8(path))
     vocab = {}
     for i, tok in enumerate(lines):
-        vocab.setdefault(tok.rstrip("\r"), i)  # a repeated line keeps its first id, as BERT's loader does
+        vocab[tok] = i  # a repeated line takes its last id, as transformers' load_vocab and tokenizers do
     if not vocab or "[UNK]" not in vocab:
         raise ConfigError(f"{path}: not a BERT vocab.txt (expected one token per line including [UNK]; "
                           f"read {len(lines)} lines)")
@@ -59,13 +62,13 @@ def gpt2_byte_bpe(vocab_path: Path, merges_path: Path):
         raise ConfigError(f"{vocab_path}: a GPT-2 vocab.json needs its merges.txt next to it ({merges_path} is "
                           "missing); the merges, not the vocabulary, decide how words split")
     try:
-        vocab = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        vocab = json.loads(read_utf8(vocab_path))
     except ValueError as e:
         raise ConfigError(f"{vocab_path}: not valid JSON ({e})") from e
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise ConfigError(f"{vocab_path}: expected a JSON object mapping token -> id")
     merges = []
-    for n, line in enumerate(Path(merges_path).read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text_lines(read_utf8(merges_path)), 1):  # "\n" lines, as tokenizers reads them
         if not line or line.startswith("#version"):
             continue
         pair = line.split(" ")

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from lmzoo.data.readers import read_utf8
 from lmzoo.errors import ConfigError
 from lmzoo.tokenizers.tokenizer import ROLES, Tokenizer
 
@@ -35,7 +36,7 @@ def _one(directory: Path, names=(), suffix: str | None = None):
 
 def read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_utf8(path))
     except ValueError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
 
@@ -47,7 +48,7 @@ def read_config(directory: Path) -> dict:
         if (directory / name).is_file():
             config.update(read_json(directory / name))
     if (directory / "chat_template.jinja").is_file():
-        config.setdefault("chat_template", (directory / "chat_template.jinja").read_text(encoding="utf-8"))
+        config.setdefault("chat_template", read_utf8(directory / "chat_template.jinja"))
     return config
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lmzoo.data.readers import read_utf8, text_lines
 from lmzoo.errors import LmzooError
 
 _SKIP_KEYS = {"id", "_id", "uuid", "url", "tags", "author", "title", "chapter", "rhythmic", "source"}
@@ -30,23 +31,25 @@ def _strings(obj, out: list[str]) -> None:
 
 
 def read_texts(path) -> list[str]:
-    """The non-empty lines (or JSON strings) of a file."""
+    """The non-empty lines (or JSON strings) of a file; lines end at "\\n" only, so a U+2028 inside a
+    line stays in it (lmzoo.data.readers says why)."""
     path = Path(path)
-    if not path.is_file():
-        raise LmzooError(f"{path}: no such file")
-    raw = path.read_text(encoding="utf-8", errors="strict")
+    raw = read_utf8(path)
     out: list[str] = []
-    try:
-        if path.suffix == ".json":
+    if path.suffix == ".json":
+        try:
             _strings(json.loads(raw), out)
-        elif path.suffix == ".jsonl":
-            for line in raw.splitlines():
-                if line.strip():
+        except ValueError as e:
+            raise LmzooError(f"{path}: not valid JSON ({e})") from e
+    elif path.suffix == ".jsonl":
+        for n, line in enumerate(text_lines(raw), 1):
+            if line.strip():
+                try:
                     _strings(json.loads(line), out)
-        else:
-            out = raw.splitlines()
-    except ValueError as e:
-        raise LmzooError(f"{path}: not valid JSON ({e})") from e
+                except ValueError as e:
+                    raise LmzooError(f"{path}: line {n} is not valid JSON ({e})") from e
+    else:
+        out = text_lines(raw)
     return [t for t in out if t.strip()]
 
 

@@ -55,6 +55,8 @@ FLAVORS = {f.name: f for f in [
 
 def read_ranks(path: Path) -> dict[bytes, int]:
     ranks = {}
+    # bytes.splitlines splits at \n, \r\n and \r only (str.splitlines would add U+2028 and the like), as
+    # tiktoken's load_tiktoken_bpe reads; a token's own bytes are base64, so never split
     for n, line in enumerate(Path(path).read_bytes().splitlines(), 1):
         if not line.strip():
             continue

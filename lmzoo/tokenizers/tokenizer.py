@@ -73,7 +73,14 @@ class Tokenizer:
     mask_id = property(lambda self: self.special_id("mask"))
     bos_token = property(lambda self: self.roles.get("bos"))
     eos_token = property(lambda self: self.roles.get("eos"))
+    unk_token = property(lambda self: self.roles.get("unk"))
     pad_token = property(lambda self: self.roles.get("pad"))
+    cls_token = property(lambda self: self.roles.get("cls"))
+    sep_token = property(lambda self: self.roles.get("sep"))
+    mask_token = property(lambda self: self.roles.get("mask"))
+    # transformers' names for the same ids (tok.eos_token_id is tok.eos_id)
+    bos_token_id, eos_token_id, unk_token_id, pad_token_id = bos_id, eos_id, unk_id, pad_id
+    cls_token_id, sep_token_id, mask_token_id = cls_id, sep_id, mask_id
 
     @property
     def special_tokens(self) -> dict[str, int]:

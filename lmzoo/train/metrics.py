@@ -22,7 +22,9 @@ def read_metrics(path: Path) -> list[dict]:
     """Every complete record; a line cut short by a crash is ignored."""
     rows = []
     if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
+        # lines end at "\n" only: splitlines() would also cut a record holding a raw U+2028 (valid JSON)
+        # in two and drop both halves; a torn last line may end inside a character, hence "replace"
+        for line in Path(path).read_bytes().decode("utf-8", errors="replace").split("\n"):
             try:
                 rows.append(json.loads(line))
             except ValueError:
@@ -48,15 +50,15 @@ class MetricsLog:
             return
         keep = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
         os.replace(tmp, self.path)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")  # ensure_ascii (the default): the file stays ASCII
         if self._tb is not None:
             split = record.get("split", "train")
             for k, v in record.items():

@@ -59,3 +59,43 @@ def test_generate_prompt_with_other_tokenizer_formats(tmp_path, capsys, name):
     ids = tok.encode("床前明月光")
     ref = lmzoo.generate(model, torch.tensor([ids]), max_new_tokens=4)[0, len(ids):].tolist()
     assert capsys.readouterr().out.rstrip("\n") == tok.decode(ref)
+
+
+def _vocab_txt(tmp_path):
+    d = tmp_path / "bert"
+    d.mkdir()
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "床", "前", "to", "be"]) + "\n",
+                                 encoding="utf-8")
+    return d
+
+
+def test_binary_files_are_one_line_errors(tmp_path, capsys):
+    """A PNG given as text: "FILE: not UTF-8 text (...)", exit 1, no traceback (the old code raised
+    UnicodeDecodeError out of `tokenizer train`)."""
+    blob = tmp_path / "figure.txt"
+    blob.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    good = tmp_path / "en.txt"
+    good.write_text("to be\n", encoding="utf-8")
+    expected = f"lmzoo tokenizer: error: {blob}: not UTF-8 text (invalid start byte at byte 0)\n"
+    assert main(["tokenizer", "train", "--kind", "bpe", "--files", str(good), str(blob),
+                 "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err == expected and not (tmp_path / "x").exists()
+    assert main(["tokenizer", "compare", str(_vocab_txt(tmp_path)), "--zh", str(blob), "--en", str(good),
+                 "--out", str(tmp_path / "cmp"), "--no-plot"]) == 1
+    assert capsys.readouterr().err == expected
+
+
+def test_compare_without_an_importable_matplotlib_says_what_to_do(tmp_path, capsys, monkeypatch):
+    import sys
+
+    text = tmp_path / "t.txt"
+    text.write_text("床前\nto be\n", encoding="utf-8")
+    args = ["tokenizer", "compare", f"b={_vocab_txt(tmp_path)}", "--zh", str(text), "--en", str(text),
+            "--out", str(tmp_path / "cmp")]
+    assert main(args) == 0 and "| b | 9 |" in capsys.readouterr().out  # matplotlib comes with lmzoo
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # an install where the import fails anyway
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lmzoo tokenizer: error: the PNG chart needs matplotlib") and err.count("\n") == 1
+    assert "pip install matplotlib" in err and "--no-plot" in err and "lmzoo[plot]" not in err

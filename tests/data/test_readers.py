@@ -1,6 +1,7 @@
 """Every reader gives the documents it should, and bad input names the file and what is wrong."""
 
 import json
+import re
 
 import pytest
 
@@ -99,3 +100,44 @@ def test_shared_corpora_read_when_present():
     docs = list(read_documents(root / "zh" / "tang300.json", field="paragraphs"))
     assert len(docs) == len(json.loads((root / "zh" / "tang300.json").read_text(encoding="utf-8")))  # one per poem
     assert sum(len(d) for d in read_documents(root / "en" / "tinyshakespeare.txt")) > 1_000_000
+
+
+def test_lines_end_at_newlines_only(tmp_path):
+    """U+2028 and the other characters str.splitlines() breaks at stay inside their line, as in
+    open()'s line reading and the datasets text loader (huggingface/datasets#3910)."""
+    f = tmp_path / "poems.txt"
+    lines = ["床前明月光\u2028疑是地上霜", "举头望明月\u2029低头思故乡", "a\x85b\x0bc\x0cd\x1ce\x1df\x1eg", "crlf"]
+    f.write_bytes("\n".join(lines).replace("crlf", "crlf\r\n").encode("utf-8"))
+    with open(f, encoding="utf-8") as fh:
+        assert [ln.rstrip("\n") for ln in fh] == lines
+    assert list(read_documents(f, split="line")) == lines  # the old reader gave 12 lines
+    assert list(read_documents(f, split="blank")) == ["\n".join(lines) + "\n"]
+    g = tmp_path / "a.jsonl"
+    g.write_text(json.dumps({"text": "上\u2028下"}, ensure_ascii=False) + "\r\n" + '{"text": "x"}\n', encoding="utf-8")
+    assert list(read_documents(g)) == ["上\u2028下", "x"]
+
+
+@pytest.mark.parametrize("name, data, byte", [
+    ("blob.jsonl", b'{"text": "a"}\n{"text": "\xff"}\n', 24),  # the byte in the file, not in its line
+    ("blob.json", b'["a", "\xe4\xb8"]', 7),  # a 3-byte character cut after 2 bytes
+    ("blob.md", b"ok\n\xc3(", 3),
+])
+def test_not_utf8_names_the_file_and_byte(tmp_path, name, data, byte):
+    f = tmp_path / name
+    f.write_bytes(data)
+    with pytest.raises(LmzooError, match=rf"^{re.escape(str(f))}: not UTF-8 text \(.* at byte {byte}\)$"):
+        list(read_documents(f))
+
+
+def test_read_utf8_is_the_one_text_file_reader(tmp_path):
+    from lmzoo.data.readers import read_utf8, text_lines
+
+    f = tmp_path / "a.txt"
+    f.write_bytes(b"one\r\ntwo\rthree\n\xe2\x80\xa8\n")
+    assert read_utf8(f) == "one\ntwo\nthree\n\u2028\n"  # universal newlines, as open() reads
+    assert text_lines(read_utf8(f)) == ["one", "two", "three", "\u2028"]
+    assert text_lines("a\n\nb") == ["a", "", "b"] and text_lines("") == []
+    with pytest.raises(LmzooError, match=r"a folder, expected a text file"):
+        read_utf8(tmp_path)
+    with pytest.raises(LmzooError, match=r"missing\.txt: no such file"):
+        read_utf8(tmp_path / "missing.txt")

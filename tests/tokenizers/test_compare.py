@@ -19,7 +19,6 @@ def table(tmp_path_factory):
     en = str(need(CORPORA / "en" / "tinyshakespeare.txt"))
     args = ["tokenizer", "compare", *[f"{n}={need(TOKENIZERS / n)}" for n in NAMES], "--zh", *zh, "--en", en,
             "--max-chars", "12000", "--out", str(out)]
-    pytest.importorskip("matplotlib")
     assert main(args) == 0
     return out, {row["name"]: row for row in json.loads((out / "compare.json").read_text())}
 

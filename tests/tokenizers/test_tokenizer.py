@@ -112,3 +112,29 @@ def test_bad_ids_and_roles(llama_like):
         llama_like.decode([10**6])
     with pytest.raises(ConfigError, match="not in the vocabulary"):
         llama_like.set_special("pad", "<no-such-token>")
+
+
+ALIASES = [(f"{role}_token_id", f"{role}_id", f"{role}_token") for role in
+           ("bos", "eos", "unk", "pad", "cls", "sep", "mask")]
+
+
+def test_transformers_special_token_names(tmp_path):
+    """tok.eos_token_id etc. are tok.eos_id etc., and what transformers gives for the same files."""
+    transformers = pytest.importorskip("transformers")
+    tok = lmzoo.train_tokenizer("wordpiece", texts=tiny_corpus(), vocab_size=300)  # has unk/pad/cls/sep/mask
+    tok.set_special("bos", "[CLS]")
+    tok.set_special("eos", "[SEP]")
+    ref = transformers.AutoTokenizer.from_pretrained(str(tok.save(tmp_path / "wp")))
+    for hf_name, lmzoo_name, token_name in ALIASES:
+        assert getattr(tok, hf_name) == getattr(tok, lmzoo_name) == getattr(ref, hf_name), hf_name
+        assert getattr(tok, token_name) == getattr(ref, token_name), token_name
+    assert (tok.unk_token_id, tok.pad_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id,
+            tok.bos_token_id, tok.eos_token_id) == (1, 0, 2, 3, 4, 2, 3)  # the wordpiece recipe's specials
+
+
+def test_transformers_special_token_names_on_gpt2():
+    transformers = pytest.importorskip("transformers")
+    gpt2 = lmzoo.load_tokenizer(need(TOKENIZERS / "gpt2"))
+    ref = transformers.GPT2Tokenizer.from_pretrained(str(TOKENIZERS / "gpt2"))
+    assert (gpt2.bos_token_id, gpt2.eos_token_id, gpt2.unk_token_id, gpt2.pad_token_id) == \
+        (ref.bos_token_id, ref.eos_token_id, ref.unk_token_id, ref.pad_token_id) == (50256, 50256, 50256, None)
