@@ -1,18 +1,25 @@
 """Model families by name: the one place the families are listed.
 
 Each family's package exposes ``FAMILY``, a ``Family`` record that says how to build it from its
-config, how to map its checkpoint keys, which Hugging Face configs it claims, and its presets.
+config, how to map its checkpoint keys, which Hugging Face configs it claims, and its presets, plus
+what other modules would otherwise branch on its name for: its pretraining objective, which config
+fields are widths or stay out of the KV cache, its image preprocessing. A module outside
+``lmzoo/models/`` reads these fields; tests/models/test_registry.py refuses family names used there
+as dict keys or comparisons.
 """
 
 from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from torch import nn
 
 from lmzoo.errors import ConfigError
+
+if TYPE_CHECKING:
+    from lmzoo.vision.preprocess import ImageProcessor
 
 FAMILY_MODULES = ["gpt2", "llama", "bloom", "chatglm2", "chatglm", "deepseek_v2", "t5", "bert", "vit", "clip"]
 
@@ -26,6 +33,16 @@ class Family:
     keymap: Callable  # (config, hf_config: dict | None) -> KeyMap
     claims: Callable[[dict], bool]  # does this Hugging Face config.json belong to the family?
     hf_architecture: str
+    # The name in ``lmzoo.objectives.OBJECTIVES`` of the published pretraining recipe (``lmzoo pretrain``'s
+    # default objective; ``objective`` below describes it in words).
+    pretrain_objective: str
+    # Config fields that scale with d_model when a study changes only the width (``lmzoo compare-archs``:
+    # same depth, same shape ratios); a field set to 0 or None there (derived, or switched off) is left alone.
+    width_fields: tuple[str, ...]
+    # Config fields that never enter the KV cache, each with a small value ``lmzoo kvcache`` may give it for
+    # the instance it measures on (tried in order; a field set to 0 or None is left alone). Empty when the
+    # model keeps no cache, or when no such field can change on its own (Bloom's d_ff is 4·d_model).
+    cache_free_fields: dict[str, int]
     presets: dict = field(default_factory=dict)
     description: str = ""
     # What ``lmzoo zoo --compare`` prints beside what it reads off the configs and the built model:
@@ -35,6 +52,8 @@ class Family:
     # (config, checkpoint keys) -> config: settles what config.json cannot say, e.g. which heads a BERT
     # checkpoint carries or whether a T5 file has its own lm_head; lmzoo.load calls it before building.
     resolve: Callable[[object, set], object] | None = None
+    # Image families: the preprocessing their checkpoints were trained with (``lmzoo.vision.PROCESSORS[name]``).
+    image_processor: ImageProcessor | None = None
 
 
 _cache: dict[str, Family] = {}
@@ -61,6 +80,15 @@ def family_for_hf(hf: dict, source: str = "config.json") -> Family:
             return fam
     raise ConfigError(f"{source}: model_type '{hf.get('model_type')}' is not a family lmzoo knows; "
                       f"known families: {sorted(families())}")
+
+
+def family_of(config) -> Family:
+    """The family whose config class ``config`` is (an instance of)."""
+    fams = list(families().values())
+    found = [f for f in fams if type(config) is f.config_cls] or [f for f in fams if isinstance(config, f.config_cls)]
+    if not found:
+        raise ConfigError(f"{type(config).__name__} is no registered family's config; known: {sorted(families())}")
+    return found[0]
 
 
 def presets() -> dict[str, tuple[Family, object]]:

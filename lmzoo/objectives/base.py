@@ -9,8 +9,8 @@ seeded by the batch's position, so it is the same after a resume. Options a tran
 read from the model config (vocabulary size, special ids) and the tokenizer (BERT's [MASK], [CLS],
 [SEP]); keyword arguments override them.
 
-Which objective a family pretrains with follows its shape in the registry (``Family.shape``); only
-the "encoder" shape is shared by two recipes (BERT's masked LM, ViT's classification).
+Which objective a family pretrains with is a field of its registry record (``Family.pretrain_objective``):
+the shape does not decide it (BERT's masked LM and ViT's classification are both encoders).
 """
 
 from __future__ import annotations
@@ -89,11 +89,6 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
     Objective("contrastive", "CLIP's symmetric InfoNCE over image-text pairs", lambda **kw: _contrastive_step()),
 ]}
 
-BY_SHAPE = {"causal decoder": "causal_lm", "prefix decoder": "glm", "encoder-decoder": "span_corruption",
-            "dual encoder": "contrastive"}
-ENCODER_OBJECTIVES = {"bert": "masked_lm", "vit": "classification"}  # the one shape with two recipes
-
-
 def get_objective(name: str) -> Objective:
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective '{name}'; known: {sorted(OBJECTIVES)}")
@@ -105,11 +100,10 @@ def objective_for(family: str) -> str:
     from lmzoo.models.registry import get_family
 
     fam = get_family(family)
-    name = BY_SHAPE.get(fam.shape) or ENCODER_OBJECTIVES.get(fam.name)
-    if name is None:
-        raise ConfigError(f"family '{family}' (shape '{fam.shape}') has no default objective; choose one of "
-                          f"{sorted(OBJECTIVES)}")
-    return name
+    if fam.pretrain_objective not in OBJECTIVES:
+        raise ConfigError(f"family '{family}': its record names objective '{fam.pretrain_objective}', which is not "
+                          f"one of {sorted(OBJECTIVES)}")
+    return fam.pretrain_objective
 
 
 def make_step_fn(objective: str, **options):

@@ -2,11 +2,12 @@
 
     pixels (uint8, 0..255) -> resize -> centre crop -> ÷255 -> (x - mean) / std -> (B, 3, H, W) float32
 
-Nothing here names a model family; a model's processor is a named set of numbers in ``PROCESSORS``:
+Nothing here names a model family; a model's processor is a named set of numbers, kept in its family's
+registry record (``Family.image_processor``) and looked up by name in ``PROCESSORS``:
 
     clip      shortest side to 224 (bicubic), centre crop 224, CLIP's mean/std    (CLIPImageProcessor)
     vit       both sides to 224 (bilinear), no crop, mean = std = 0.5             (ViTImageProcessor)
-    imagenet  shortest side to 256 (bilinear), centre crop 224, ImageNet mean/std (torchvision's recipe)
+    imagenet  shortest side to 256 (bilinear), centre crop 224, ImageNet mean/std (torchvision's; FAMILY_FREE below)
 
 Resizing follows PIL, which transformers' processors call: downscaling filters with a kernel widened
 by the scale factor (antialiasing; ``F.interpolate(antialias=True)`` implements PIL's filters, bicubic
@@ -21,6 +22,7 @@ Pillow is needed only to read files (``read_image``); everything else takes tens
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -166,8 +168,42 @@ class ImageProcessor:
         return self.one(images)[None]
 
 
-PROCESSORS = {
-    "clip": ImageProcessor(size=224, crop=224, resample="bicubic", mean=CLIP_MEAN, std=CLIP_STD),
-    "vit": ImageProcessor(size=(224, 224), crop=None, resample="bilinear", mean=HALF, std=HALF),
+# Recipes that belong to no model family; each image family's own is its registry record's ``image_processor``.
+FAMILY_FREE = {
     "imagenet": ImageProcessor(size=256, crop=224, resample="bilinear", mean=IMAGENET_MEAN, std=IMAGENET_STD),
 }
+
+
+class Processors(Mapping):
+    """``PROCESSORS[name]``: every registered family's ``Family.image_processor`` (clip, vit), then
+    ``FAMILY_FREE`` (imagenet). Read from the registry on first use, not at import: the family packages
+    import this module for ``ImageProcessor``."""
+
+    def __init__(self):
+        self._table: dict[str, ImageProcessor] | None = None
+
+    def _all(self) -> dict[str, ImageProcessor]:
+        if self._table is None:
+            from lmzoo.models.registry import families
+
+            own = {n: f.image_processor for n, f in families().items() if f.image_processor is not None}
+            self._table = {**own, **FAMILY_FREE}
+        return self._table
+
+    def __getitem__(self, name: str) -> ImageProcessor:
+        table = self._all()
+        if name not in table:
+            raise KeyError(f"no image processor '{name}'; known: {sorted(table)}")
+        return table[name]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return f"PROCESSORS({self._all()!r})"
+
+
+PROCESSORS = Processors()

@@ -44,3 +44,16 @@ def test_unknown_names_and_missing_options():
     with pytest.raises(Exception, match="needs a mask_id"):
         make_transform("masked_lm", vocab_size=10, cls_id=1, sep_id=2)
     assert make_transform("causal_lm") is None
+
+
+def test_the_recipe_is_read_from_the_family_record(monkeypatch):
+    import dataclasses
+
+    from lmzoo.models import registry
+
+    fam = registry.get_family("vit")
+    monkeypatch.setitem(registry.families(), "vit", dataclasses.replace(fam, pretrain_objective="contrastive"))
+    assert objective_for("vit") == "contrastive"  # not derived from the shape ("encoder", like BERT)
+    monkeypatch.setitem(registry.families(), "vit", dataclasses.replace(fam, pretrain_objective="nope"))
+    with pytest.raises(ConfigError, match="objective 'nope'"):
+        objective_for("vit")

@@ -92,3 +92,16 @@ def test_float_images_resize_without_rounding():
     y = resize(x, 20)
     assert y.dtype == torch.float32 and y.shape == (3, 20, 25)
     assert not torch.equal(y, y.mul(255).round().div(255))  # not quantised to levels
+
+
+def test_processors_are_the_family_records_plus_imagenet():
+    from lmzoo.models.registry import families
+
+    own = {n for n, f in families().items() if f.image_processor is not None}
+    assert own == {"vit", "clip"} and set(PROCESSORS) == own | {"imagenet"}
+    assert all(PROCESSORS[n] is families()[n].image_processor for n in own)
+    assert (PROCESSORS["vit"].size, PROCESSORS["vit"].crop, PROCESSORS["vit"].mean) == ((224, 224), None, HALF)
+    assert PROCESSORS["clip"].std == CLIP_STD and PROCESSORS["imagenet"].mean == IMAGENET_MEAN
+    with pytest.raises(KeyError, match="known: "):
+        PROCESSORS["bert"]
+    assert PROCESSORS.get("bert") is None and "clip" in PROCESSORS

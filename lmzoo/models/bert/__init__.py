@@ -16,6 +16,7 @@ def resolve(cfg: BertConfig, keys: set) -> BertConfig:
 FAMILY = Family(
     name="bert", shape="encoder", config_cls=BertConfig, build=build, keymap=keymap,
     claims=lambda hf: hf.get("model_type") == "bert", hf_architecture="BertForPreTraining", presets=PRESETS,
+    pretrain_objective="masked_lm", width_fields=("d_ff",), cache_free_fields={},  # an encoder keeps no cache
     description="learned positions + segments, post-LayerNorm encoder, GeLU MLP, MLM + NSP heads",
     tokenizer="WordPiece (30,522 tokens, uncased)",
     objective="masked-LM (15% of tokens) + next-sentence prediction",

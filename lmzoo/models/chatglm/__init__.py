@@ -8,6 +8,7 @@ from lmzoo.models.registry import Family
 FAMILY = Family(
     name="chatglm", shape="prefix decoder", config_cls=ChatGLMConfig, build=build, keymap=keymap,
     claims=claims, hf_architecture="ChatGLMModel", presets=PRESETS,
+    pretrain_objective="glm", width_fields=("d_ff",), cache_free_fields={"d_ff": 32},
     description="prefix mask ([gMASK] ... <sop>), 2D RoPE, DeepNorm post-LN, GeLU MLP (GeGLU selectable)",
     tokenizer="SentencePiece unigram (icetk)", objective="autoregressive blank infilling (GLM: [MASK]/[gMASK] spans)",
     inputs="token embeddings; 2D positions (position id + block position id)",

@@ -8,6 +8,10 @@ from lmzoo.models.registry import Family
 FAMILY = Family(
     name="deepseek_v2", shape="causal decoder", config_cls=DeepseekV2Config, build=build, keymap=keymap,
     claims=lambda hf: hf.get("model_type") == "deepseek_v2", hf_architecture="DeepseekV2ForCausalLM",
+    pretrain_objective="causal_lm",
+    width_fields=("d_ff", "d_expert", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                  "v_head_dim"),
+    cache_free_fields={"d_ff": 32, "d_expert": 16, "q_lora_rank": 16},  # MLA caches only c_KV and the RoPE key
     presets=PRESETS, description="MLA (latent KV cache, decoupled RoPE key), DeepSeekMoE (shared + routed experts), "
                                 "yarn RoPE, RMSNorm, SwiGLU",
     tokenizer="byte-level BPE",

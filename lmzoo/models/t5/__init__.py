@@ -17,6 +17,7 @@ def resolve(cfg: T5Config, keys: set) -> T5Config:
 FAMILY = Family(
     name="t5", shape="encoder-decoder", config_cls=T5Config, build=build, keymap=keymap,
     claims=lambda hf: hf.get("model_type") == "t5", hf_architecture="T5ForConditionalGeneration", presets=PRESETS,
+    pretrain_objective="span_corruption", width_fields=("d_ff",), cache_free_fields={"d_ff": 32},
     description="relative position bias, RMSNorm (pre-norm), ReLU or GeGLU MLP, encoder-decoder",
     tokenizer="SentencePiece unigram (32k, 100 sentinel tokens)",
     objective="span corruption: sentinels replace spans in the input, the decoder writes the spans",
