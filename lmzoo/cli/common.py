@@ -1,4 +1,5 @@
-"""Helpers shared by the subcommands: resolving ``--model`` (a preset name or a checkpoint directory)."""
+"""Helpers shared by the subcommands: resolving ``--model`` (a preset name or a checkpoint directory),
+refusing models that cannot do what the command asks, and refusing models that do not fit in memory."""
 
 from __future__ import annotations
 
@@ -9,20 +10,108 @@ import torch
 
 import lmzoo
 from lmzoo.errors import LmzooError
-from lmzoo.models.registry import presets
+from lmzoo.models.registry import Family, family_for_hf, presets
+
+# Family.shape values whose models predict the next token (and so generate and keep a KV cache)
+DECODER_SHAPES = ("causal decoder", "prefix decoder", "encoder-decoder")
 
 
 def add_model_argument(p, required: bool = True) -> None:
     p.add_argument("--model", required=required,
                    help="a checkpoint directory (Hugging Face layout) or a preset name "
                         f"({', '.join(sorted(presets()))}); a preset gets random weights")
+    add_memory_argument(p)
 
 
-def resolve_model(spec: str, dtype: str | None = None, seed: int = 0, device: str = "cpu"):
+def add_memory_argument(p) -> None:
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="build the model even when its estimated size exceeds the memory available")
+
+
+def family_of(spec: str) -> Family:
+    """The family of a preset or a checkpoint directory, read without building anything."""
+    from lmzoo.interop.checkpoint import read_hf_config
+
+    if Path(spec).is_dir():
+        return family_for_hf(read_hf_config(spec), str(Path(spec) / "config.json"))
+    if spec in presets():
+        return presets()[spec][0]
+    raise LmzooError(f"--model '{spec}' is neither a directory nor a preset; presets: {sorted(presets())}")
+
+
+def require_decoder(spec: str, what: str) -> Family:
+    """``spec``'s family, or an error when it is an encoder (BERT, ViT) or a dual encoder (CLIP)."""
+    fam = family_of(spec)
+    if fam.shape not in DECODER_SHAPES:
+        raise LmzooError(f"'{spec}' is a {fam.name} {fam.shape}, not a decoder: it has no next-token head and keeps no KV cache, so "
+                         f"{what} does not apply (decoders: {', '.join(DECODER_SHAPES)})")
+    return fam
+
+
+# -- memory ------------------------------------------------------------------------------------
+def available_memory() -> int | None:
+    """Bytes the machine can give a new allocation without swapping (None where it cannot be read)."""
+    try:
+        import psutil  # optional: used when installed, never required
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except OSError:
+        pass
+    return None
+
+
+def gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def check_memory(needed: int, what: str, skip: bool = False) -> None:
+    """Refuse (before any weight is allocated) a model whose estimated bytes exceed the available memory."""
+    avail = available_memory()
+    if skip or avail is None or needed <= avail:
+        return
+    raise LmzooError(f"{what} needs about {gb(needed)}, and this machine has {gb(avail)} of memory available; "
+                     "choose a smaller model (or --dtype bfloat16 for a checkpoint), or pass --skip-memory-check "
+                     "to try anyway")
+
+
+def estimate_bytes(spec: str, dtype: str | None = None) -> tuple[int, str]:
+    """(bytes at the peak of materialising ``spec``, how they were counted), from a meta-device build."""
+    from lmzoo.interop.checkpoint import as_dtype, build, read_hf_config
+
+    if Path(spec).is_dir():
+        stored = sum(p.stat().st_size for p in Path(spec).glob("*.safetensors"))
+        hf = read_hf_config(spec)
+        own = hf.get("dtype") or hf.get("torch_dtype")
+        if dtype is None or own is None or as_dtype(dtype) == as_dtype(own):
+            return stored, f"its safetensors files, {gb(stored)}"
+        # a cast keeps the tensors read until every converted one exists
+        fam = family_of(spec)
+        params = build(fam.config_cls.from_hf(hf, source=str(Path(spec) / "config.json")),
+                       device="meta").num_parameters()
+        cast = params * as_dtype(dtype).itemsize
+        return stored + cast, f"{gb(stored)} read + {gb(cast)} cast to {as_dtype(dtype)}".replace("torch.", "")
+    params = build(spec, device="meta").num_parameters()
+    # lmzoo.build initialises in float32 and casts afterwards, so the peak is the float32 model
+    return params * 4, f"{params / 1e9:.2f}B parameters × 4 bytes: random weights start in float32"
+
+
+def resolve_model(spec: str, dtype: str | None = None, seed: int = 0, device: str = "cpu",
+                  skip_memory_check: bool = False):
+    """The model a preset name or a checkpoint directory describes, once its estimated size fits in memory."""
+    if not Path(spec).is_dir() and spec not in presets():
+        raise LmzooError(f"--model '{spec}' is neither a directory nor a preset; presets: {sorted(presets())}")
+    if device == "cpu":
+        needed, how = estimate_bytes(spec, dtype)
+        check_memory(needed, f"--model {spec} ({how})", skip_memory_check)
     if Path(spec).is_dir():
         return lmzoo.load(spec, dtype=dtype, device=device)
-    if spec in presets():
-        print(f"note: '{spec}' is a preset: its weights are random (seed {seed})", file=sys.stderr)
-        torch.manual_seed(seed)
-        return lmzoo.build(spec, device=device, dtype=dtype).eval()
-    raise LmzooError(f"--model '{spec}' is neither a directory nor a preset; presets: {sorted(presets())}")
+    print(f"note: '{spec}' is a preset: its weights are random (seed {seed})", file=sys.stderr)
+    torch.manual_seed(seed)
+    return lmzoo.build(spec, device=device, dtype=dtype).eval()

@@ -1,4 +1,4 @@
-"""``lmzoo zoo --compare bert gpt2 t5``: the notes' BERT/GPT/T5 comparison, generated, not typed.
+"""``lmzoo zoo --compare bert gpt2 t5``: the BERT/GPT/T5 comparison table, generated, not typed.
 
 Each named family (or preset) becomes a column; each aspect a row:
 

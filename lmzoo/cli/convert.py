@@ -2,13 +2,16 @@
 
 The source may be any layout lmzoo reads (for example the original ChatGLM2-6B release with its
 fused query_key_value); the output loads with transformers.AutoModelForCausalLM.from_pretrained.
-A preset name as --model writes a randomly initialised checkpoint of that shape.
+A preset name as --model writes a randomly initialised checkpoint of that shape. The source's
+tokenizer files, chat template and generation_config.json are copied along, so `lmzoo generate
+--prompt` works on the output as it did on the source.
 """
 
 from __future__ import annotations
 
 import lmzoo
 from lmzoo.cli.common import add_model_argument, resolve_model
+from lmzoo.interop.companions import companion_files
 
 HELP = "convert a checkpoint to the transformers layout (dtype, sharding)"
 
@@ -22,8 +25,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    model = resolve_model(args.model, args.dtype, args.seed)
-    out = lmzoo.save(model, args.out, max_shard_size=args.max_shard_size)
+    model = resolve_model(args.model, args.dtype, args.seed, skip_memory_check=args.skip_memory_check)
+    out = lmzoo.save(model, args.out, max_shard_size=args.max_shard_size)  # a loaded model brings its tokenizer
     n = sum(p.numel() for p in model.parameters())
-    print(f"wrote {out} ({type(model.config).family}, {n:,} parameters)")
+    copied = companion_files(out)
+    with_tok = f"; with {', '.join(p.name for p in copied)}" if copied else ""
+    print(f"wrote {out} ({type(model.config).family}, {n:,} parameters{with_tok})")
     return 0

@@ -4,7 +4,11 @@ With a directory that holds a tokenizer (tokenizer.json, tokenizer.model, vocab.
 vocab.txt or *.tiktoken; see lmzoo.load_tokenizer), --prompt takes text; otherwise give --ids.
 Examples:
   lmzoo generate --model path/to/llama --prompt "The capital of France is" --max-new-tokens 20
-  lmzoo generate --model llama2-7b --ids "1 450 7483" --max-new-tokens 5   # random weights
+  lmzoo generate --model gpt2 --ids "464 3139 286 4881 318" --max-new-tokens 5   # random weights
+
+Text output stops before the end-of-sequence token and leaves special tokens out; --ids output
+prints every id generated, the EOS id included. Sampling settings are checked before the model is
+built, and a model whose estimated size exceeds the available memory is refused (naming both).
 """
 
 from __future__ import annotations
@@ -15,8 +19,9 @@ from pathlib import Path
 import torch
 
 import lmzoo
-from lmzoo.cli.common import add_model_argument, resolve_model
+from lmzoo.cli.common import add_model_argument, require_decoder, resolve_model
 from lmzoo.errors import LmzooError
+from lmzoo.generate.sampling import LogitsProcessor
 
 HELP = "generate text or token ids with the KV cache (greedy or sampled, streamed)"
 
@@ -53,25 +58,46 @@ class TextStream:
 
     def add(self, t: int) -> str:
         self.ids.append(t)
-        text = self.tok.decode(self.ids)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
         return "" if text.endswith("\ufffd") else self._take(text)  # U+FFFD: a character not complete yet
 
     def flush(self) -> str:
         """Whatever is still held back once generation ends (invalid bytes stay visible as U+FFFD)."""
-        return self._take(self.tok.decode(self.ids))
+        return self._take(self.tok.decode(self.ids, skip_special_tokens=True))
 
     def _take(self, text: str) -> str:
         new, self.shown = text[len(self.shown):], text
         return new
 
 
+def check_settings(args) -> None:
+    """The decoding flags, checked by the engine's own rules before any model is built."""
+    if args.max_new_tokens < 0:
+        raise LmzooError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    try:
+        LogitsProcessor(args.do_sample, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
+    except ValueError as e:  # "top_p must be in (0, 1], got 2.0": name the flag, not the field
+        field, _, rest = str(e).partition(" ")
+        raise LmzooError(f"--{field.replace('_', '-')} {rest}") from e
+
+
+def _eos_ids(model, tok) -> list[int]:
+    """The model's EOS id(s) and the tokenizer's, which a chat checkpoint may set differently."""
+    eos = model.config.eos_token_id if hasattr(model.config, "eos_token_id") else None
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if tok is not None and tok.special_id("eos") is not None:
+        ids.append(tok.special_id("eos"))
+    return list(dict.fromkeys(ids))
+
+
 def run(args) -> int:
+    check_settings(args)
+    require_decoder(args.model, "generate")
     tok = _tokenizer(args.model) if Path(args.model).is_dir() else None
     if args.prompt is not None and tok is None:
         raise LmzooError(f"--prompt needs a tokenizer in the model directory ('{args.model}'): tokenizer.json, "
                          "tokenizer.model, vocab.json + merges.txt, vocab.txt or *.tiktoken; "
                          "pass token ids with --ids instead")
-    model = resolve_model(args.model, args.dtype, args.seed)
     if args.prompt is not None:
         # With the tokenizer's own special prefix (LLaMA's <s>, none for GPT-2), as the model was trained.
         ids = tok.encode(args.prompt, add_special_tokens=True)
@@ -80,17 +106,20 @@ def run(args) -> int:
             ids = [int(t) for t in args.ids.replace(",", " ").split()]
         except ValueError as e:
             raise LmzooError(f"--ids must be integers separated by spaces: {e}") from e
+    model = resolve_model(args.model, args.dtype, args.seed, skip_memory_check=args.skip_memory_check)
     vocab = model.config.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:
         raise LmzooError(f"token ids {bad[:5]} are outside the model's vocabulary of {vocab}")
     gen = torch.Generator().manual_seed(args.seed)
     text = TextStream(tok) if tok is not None else None
+    eos = _eos_ids(model, tok)
     for nxt in lmzoo.stream(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            repetition_penalty=args.repetition_penalty, eos_token_id=model.config.eos_token_id,
-                            generator=gen):
+                            repetition_penalty=args.repetition_penalty, eos_token_id=eos or None, generator=gen):
         t = int(nxt[0])
+        if text is not None and t in eos:
+            break  # the end of the text, not a part of it
         sys.stdout.write(text.add(t) if text is not None else f"{t} ")
         sys.stdout.flush()
     sys.stdout.write((text.flush() if text is not None else "") + "\n")

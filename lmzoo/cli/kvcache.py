@@ -1,5 +1,5 @@
-"""Count a model's KV cache: the formula per layer and in total, and the bytes measured on the cache
-object of a real ``lmzoo.generate`` call, which must agree to the byte.
+"""Count a model's KV cache: the formula per layer and in total, and the bytes measured on a real
+cache object after a prefill, which must agree to the byte.
 
 Formulas (values per token and layer; times n_tokens · batch · bytes per value):
   MHA  2 · n_h · d_h        every head keeps its K and V
@@ -10,14 +10,18 @@ Formulas (values per token and layer; times n_tokens · batch · bytes per value
 The measurement runs on a small instance with the same per-token cache shape: the fields that do
 not enter the cache (vocabulary, MLP and expert widths, d_model, query ranks, and the query heads
 where K/V heads or MLA make them irrelevant) are shrunk while the model is over --max-params, and
-only if that is not enough are layers dropped, the measured bytes then scaled back by
-layers / kept layers (every layer caches the same; the output says so when it happens). The
-prefill is real, so the measurement takes time quadratic in --tokens; --no-measure skips it.
+then, when every layer caches the same, only two layers are kept, the measured bytes then scaled
+back by layers / kept layers (the output says so). The cache is filled by one real prefill forward
+(in chunks when its attention scores would not fit in memory), so it costs time quadratic in
+--tokens: past --max-flops, batch rows (all alike) are dropped and scaled back the same way, and a
+prefill that does not fit even on one layer and one row is not run: the command says so and exits
+1. --no-measure skips the measurement.
 `--compare` plots bytes against context length for MHA, GQA, MQA and MLA versions of one model size.
+Encoders (BERT, ViT) and CLIP keep no cache and are refused.
 
 Examples:
   lmzoo kvcache --model deepseek-v2 --tokens 4096
-  lmzoo kvcache --model llama2-70b --tokens 32768 --batch 8 --dtype bf16
+  lmzoo kvcache --model llama2-70b --tokens 4096 --batch 8 --dtype bf16
   lmzoo kvcache --model deepseek-v2 --tokens 4096 --compare --out mla_vs_mha.png
 """
 
@@ -37,7 +41,7 @@ from lmzoo.models.registry import family_for_hf, get_preset, presets
 from lmzoo.nn.attention import Attention
 from lmzoo.nn.mla import MLA
 
-HELP = "KV-cache bytes of a model: formula per layer and total, checked against a real generate call"
+HELP = "KV-cache bytes of a model: formula per layer and total, checked against a real cache after a prefill"
 
 
 @dataclass
@@ -109,15 +113,22 @@ def _special_ids(cfg) -> list[int]:
     return out
 
 
-# Fields that never enter the cache, shrunk in this order while the instance is over budget. Each
-# change is kept only if the config accepts it and every layer still caches the same per token.
-_SHRINKS = [
-    lambda c: {"vocab_size": max([128] + [i + 1 for i in _special_ids(c)])},  # keep special ids valid
-    lambda c: {"d_ff": 32}, lambda c: {"d_model": 64}, lambda c: {"d_expert": 16},
-    lambda c: {"q_lora_rank": 16} if getattr(c, "q_lora_rank", None) else {},
-    lambda c: {"n_heads": c.n_kv_heads},  # GQA: one query head per K/V head caches the same
-    lambda c: {"n_heads": 1, "n_kv_heads": 1},  # MLA: the cache does not depend on the heads at all
-]
+def _shrinks(cfg) -> list:
+    """Changes tried in this order while the instance is over budget: the vocabulary, the fields the family's
+    record says never enter the cache (``Family.cache_free_fields``; one set to 0 or None is left alone),
+    then d_model and the query heads. Each is kept only if the config accepts it and every layer still
+    caches the same per token."""
+    from lmzoo.models.registry import family_of
+
+    free = [(lambda c, f=f, v=v: {f: v} if getattr(c, f, None) else {})
+            for f, v in family_of(cfg).cache_free_fields.items()]
+    return [
+        lambda c: {"vocab_size": max([128] + [i + 1 for i in _special_ids(c)])},  # keep special ids valid
+        *free,
+        lambda c: {"d_model": 64},
+        lambda c: {"n_heads": c.n_kv_heads},  # GQA: one query head per K/V head caches the same
+        lambda c: {"n_heads": 1, "n_kv_heads": 1},  # MLA: the cache does not depend on the heads at all
+    ]
 
 
 def _values(model) -> tuple[list[int], list[int]]:
@@ -146,7 +157,7 @@ def small_instance(cfg, max_params: int):
     model = build(cfg, device="meta")
     want = _values(model)
     small, n = cfg, model.num_parameters()
-    for shrink in _SHRINKS:
+    for shrink in _shrinks(cfg):
         if n <= max_params:
             break
         small, n = _try(small, shrink(small), want) or (small, n)
@@ -161,42 +172,113 @@ def small_instance(cfg, max_params: int):
     return small
 
 
-def measure(cfg, tokens: int, source_tokens: int, batch: int, dtype: torch.dtype, max_params: int) -> dict:
-    """Generate on a small instance until its cache holds ``tokens`` tokens; read the cache object.
+def _layers_of(model):
+    return model.layers if hasattr(model, "layers") else model.decoder_layers
 
-    A model whose prompts must end in particular tokens (ChatGLM-6B's [gMASK] <sop>) says which by a
-    ``prompt_tail()`` method; the rest of the prompt is random ids."""
-    full_layers = len(cached_shapes(build(cfg, device="meta"))[0])
+
+# Layers whose caches the measurement fills when every layer caches the same: two show it as well as
+# sixty do, and the bytes are scaled back by layers / kept layers.
+MEASURED_LAYERS = 2
+
+
+def prefill_flops(model, tokens: int, source_tokens: int = 0) -> float:
+    """Rough arithmetic of a prefill of ``tokens`` through one layer of ``model`` for one batch row:
+    attention (QKᵀ and AV, 2 FLOP per multiply-add, the whole T × T square as a masked kernel computes
+    it: 4 · n_h · T² · d_h) plus the layer's matrices (2 · params · T; an MoE layer counts every expert)."""
+    self_, cross = cached_shapes(model)
+    s = self_[0]
+    params = sum(p.numel() for p in _layers_of(model)[0].parameters())
+    attn = 4 * s.n_heads * tokens * tokens * s.d_h
+    if cross:
+        attn += 4 * cross[0].n_heads * tokens * source_tokens * cross[0].d_h
+    return attn + 2 * params * tokens
+
+
+def _fit(small, want, flops_1: float, batch: int, max_flops: float):
+    """(config, its parameter count or None, batch rows) of the measured instance: when every layer caches
+    the same, MEASURED_LAYERS of them (one if two do not fit ``max_flops``); then as many batch rows
+    (all alike) as fit. The measured bytes are scaled back to all layers and rows."""
+    layers, params = len(want[0]), None
+    uniform = len(set(want[0])) == 1 and len(set(want[1])) <= 1
+    if uniform and layers > 1:
+        keep = min(layers, MEASURED_LAYERS)
+        keep = 1 if keep * batch * flops_1 > max_flops else keep
+        # an encoder-decoder counts its (cached) decoder layers apart: n_decoder_layers
+        fewer = {k: keep for k in ("n_layers", "n_decoder_layers") if getattr(small, k, None) is not None}
+        got = _try(small, fewer, want) if keep < layers else None
+        if got is not None:
+            (small, params), layers = got, keep
+    rows = batch
+    if layers * rows * flops_1 > max_flops:
+        rows = max(1, min(batch, int(max_flops // (layers * flops_1))))
+    if layers * rows * flops_1 > max_flops:
+        raise LmzooError(f"a prefill of the cache costs about {layers * rows * flops_1:.2g} FLOP even on the "
+                         f"smallest instance ({layers} layer(s), batch {rows}), over --max-flops {max_flops:g} "
+                         "(attention grows with tokens²); raise --max-flops to wait for it, or pass --no-measure")
+    return small, params, rows
+
+
+def measure(cfg, tokens: int, source_tokens: int, batch: int, dtype: torch.dtype, max_params: int,
+            max_flops: float = 3e11, scratch_bytes: int = 2**30, skip_memory_check: bool = False,
+            full_layers: int | None = None) -> dict:
+    """Fill the cache of a small instance with one prefill of ``tokens`` tokens; read the cache object.
+
+    One forward fills the cache as the generation engine's prefill does (``model.new_cache`` and the
+    model's own forward); the vocabulary, which the cache never sees, costs nothing since only the
+    last position's logits are computed. The prefill goes in chunks when one pass would need more
+    than ``scratch_bytes`` of attention scores. A model whose prompts must end in particular tokens
+    (ChatGLM-6B's [gMASK] <sop>) says which by a ``prompt_tail()`` method; they end the first chunk,
+    and the rest are random ids."""
+    from lmzoo.cli.common import check_memory, gb
+
+    full_layers = full_layers or len(cached_shapes(build(cfg, device="meta"))[0])
     small = small_instance(cfg, max_params)
+    meta = build(small, device="meta")
+    want = _values(meta)
+    small, params, rows = _fit(small, want, prefill_flops(meta, tokens, source_tokens), batch, max_flops)
+    params = params or meta.num_parameters()
+    heads = max(s.n_heads for group in cached_shapes(meta) for s in group)
+    chunk = max(1, min(tokens, scratch_bytes // (4 * rows * heads * max(tokens, source_tokens))))
+    cache_bytes = (want[0][0] * tokens + (want[1][0] if want[1] else 0) * source_tokens) * rows * dtype.itemsize
+    check_memory(params * 4 + cache_bytes * len(want[0]) + scratch_bytes,
+                 f"the measurement ({human(params)} params in float32, a cache of up to "
+                 f"{gb(cache_bytes * len(want[0]))} and up to {gb(scratch_bytes)} of attention scores)",
+                 skip_memory_check)
     torch.manual_seed(0)
     model = build(small, dtype=dtype).eval()
     kept = len(cached_shapes(model)[0])
-    made = []
-    new_cache = model.new_cache
-    model.new_cache = lambda *a, **k: made.append(new_cache(*a, **k)) or made[-1]  # keep the engine's cache
-    if getattr(model, "is_encoder_decoder", False):
-        # the source goes to the encoder; the decoder is fed its start token and all new ids but the last
-        n_new, n_prompt = tokens, source_tokens
-    else:  # a prefill, then one decode step; the last new id is never fed back
-        n_new = 2 if tokens > 1 else 1
-        n_prompt = tokens - n_new + 1
+    seq2seq = getattr(model, "is_encoder_decoder", False)
     tail = list(model.prompt_tail()) if hasattr(model, "prompt_tail") else []
-    if n_prompt <= len(tail):
-        raise LmzooError(f"{tokens} tokens leave no room for the prompt this model needs ({len(tail)} + 1 tokens)")
-    prompt = torch.randint(0, small.vocab_size, (batch, n_prompt - len(tail)))
-    prompt = torch.cat([prompt, torch.tensor([tail] * batch, dtype=torch.long).view(batch, -1)], dim=1)
+    if tokens < len(tail):
+        raise LmzooError(f"{tokens} tokens leave no room for the prompt this model needs ({len(tail)} tokens)")
+    ids = torch.randint(0, small.vocab_size, (rows, tokens))
+    first = min(tokens, max(chunk, len(tail)))
+    if tail:
+        ids[:, first - len(tail):first] = torch.tensor(tail)
+    if seq2seq:  # the source goes to the encoder; the decoder reads its start token, then random ids
+        source = torch.randint(0, small.vocab_size, (rows, source_tokens))
+        ids[:, 0] = model.decoder_start_token_id
+    cache = model.new_cache(rows, tokens)
+    bounds = [0] + list(range(first, tokens, chunk)) + [tokens]
     try:
-        lmzoo.generate(model, prompt, max_new_tokens=n_new)
-    except LmzooError as e:
-        raise LmzooError(f"generate refused a random prompt (a model that needs particular prompt tokens can name "
-                         f"them with a prompt_tail() method): {e}") from e
-    cache = made[0]
+        with torch.inference_mode():
+            for a, b in zip(bounds, bounds[1:]):
+                if seq2seq:
+                    model(input_ids=source if a == 0 else None, decoder_input_ids=ids[:, a:b], cache=cache,
+                          logits_to_keep=1)
+                else:
+                    model(ids[:, a:b], cache=cache, logits_to_keep=1)
+    except (LmzooError, ValueError) as e:
+        raise LmzooError(f"the prefill refused a random prompt (a model that needs particular prompt tokens can "
+                         f"name them with a prompt_tail() method): {e}") from e
     if cache.length != tokens:
-        raise LmzooError(f"the cache holds {cache.length} tokens after generate, expected {tokens}")
-    if (cache.nbytes * full_layers) % kept:
-        raise LmzooError(f"{cache.nbytes} B on {kept} layers does not scale to {full_layers} layers")
-    return {"bytes": cache.nbytes * full_layers // kept, "small_bytes": cache.nbytes, "layers_kept": kept,
-            "layers": full_layers, "params": model.num_parameters(), "cache_type": type(cache).__name__,
+        raise LmzooError(f"the cache holds {cache.length} tokens after the prefill, expected {tokens}")
+    if (cache.nbytes * full_layers * batch) % (kept * rows):
+        raise LmzooError(f"{cache.nbytes} B on {kept} layers and {rows} rows does not scale to {full_layers} "
+                         f"layers and {batch} rows")
+    return {"bytes": cache.nbytes * full_layers * batch // (kept * rows), "small_bytes": cache.nbytes,
+            "layers_kept": kept, "layers": full_layers, "batch_kept": rows, "batch": batch,
+            "chunks": len(bounds) - 1, "params": model.num_parameters(), "cache_type": type(cache).__name__,
             "instance": {k: getattr(small, k) for k in ("d_model", "n_heads", "n_kv_heads", "vocab_size", "d_ff")}}
 
 
@@ -214,12 +296,18 @@ def _runs(shapes: list[CacheShape], per: int, scale: int) -> list[dict]:
 
 
 def account(spec: str, tokens: int, batch: int = 1, dtype: str = "bf16", max_params: int = 64_000_000,
-            measured: bool = True, source_tokens: int | None = None) -> dict:
+            measured: bool = True, source_tokens: int | None = None, max_flops: float = 3e11,
+            skip_memory_check: bool = False) -> dict:
     """The formula's bytes per layer and in total, and (``measured``) the bytes of a real cache.
 
     ``source_tokens`` (encoder-decoders only; default ``tokens``): the encoder input whose
     cross-attention K/V every decoder layer keeps."""
+    from lmzoo.cli.common import DECODER_SHAPES
+
     name, fam, cfg = resolve_config(spec)
+    if fam.shape not in DECODER_SHAPES:  # decided from the registry, before anything is built
+        raise LmzooError(f"'{name}' is a {fam.name} {fam.shape}, not a decoder: it keeps no KV cache "
+                         f"(an encoder reads its whole input in one pass)")
     if tokens < 1 or batch < 1:
         raise LmzooError(f"--tokens ({tokens}) and --batch ({batch}) must be at least 1")
     if tokens > cfg.max_positions:
@@ -234,7 +322,8 @@ def account(spec: str, tokens: int, batch: int = 1, dtype: str = "bf16", max_par
            * batch * nbytes}
     if measured:
         try:
-            out["measured"] = measure(cfg, tokens, source_tokens, batch, as_dtype(dtype), max_params)
+            out["measured"] = measure(cfg, tokens, source_tokens, batch, as_dtype(dtype), max_params, max_flops,
+                                      skip_memory_check=skip_memory_check, full_layers=len(self_))
         except LmzooError as e:  # e.g. one Bloom-176B layer alone is 2.5B parameters
             out["measured"] = {"error": str(e)}
     return out
@@ -260,12 +349,16 @@ def report(r: dict) -> str:
         lines.append(f"measured: not done: {m['error']}")
     elif m:
         inst = ", ".join(f"{k} {v}" for k, v in m["instance"].items())
-        scaled = (f"{m['small_bytes']:,} B on {m['layers_kept']} layer(s) × {m['layers']}/{m['layers_kept']} = "
-                  if m["layers_kept"] != m["layers"] else "")
+        kept = [f"{m['layers_kept']} layer(s)"] if m["layers_kept"] != m["layers"] else []
+        kept += [f"batch {m['batch_kept']}"] if m["batch_kept"] != m["batch"] else []
+        factors = [f"{m['layers']}/{m['layers_kept']}"] if m["layers_kept"] != m["layers"] else []
+        factors += [f"{m['batch']}/{m['batch_kept']}"] if m["batch_kept"] != m["batch"] else []
+        scaled = f"{m['small_bytes']:,} B on {', '.join(kept)} × {' × '.join(factors)} = " if kept else ""
+        chunks = f" in {m['chunks']} chunks" if m["chunks"] > 1 else ""
         verdict = "agrees to the byte" if m["bytes"] == r["formula_bytes"] else "DIFFERS from the formula"
-        lines.append(f"measured: {scaled}{m['bytes']:,} B, {m['cache_type']}.nbytes after lmzoo.generate on a "
-                     f"small instance with the same per-token cache ({inst}; {human(m['params'])} params, "
-                     f"random weights): {verdict}")
+        lines.append(f"measured: {scaled}{m['bytes']:,} B, {m['cache_type']}.nbytes after a prefill of "
+                     f"{r['tokens']} tokens{chunks} on a small instance with the same per-token cache ({inst}; "
+                     f"{human(m['params'])} params, random weights): {verdict}")
     return "\n".join(lines)
 
 
@@ -320,6 +413,12 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", default="bf16", help="dtype of the cached values (default bf16)")
     p.add_argument("--max-params", type=float, default=64e6,
                    help="parameter budget of the small instance the measurement runs on (default 64M)")
+    p.add_argument("--max-flops", type=float, default=3e11,
+                   help="arithmetic budget of the measured prefill (default 3e11: seconds on a CPU); past it, batch "
+                        "rows are dropped and the bytes scaled back, and a prefill that does not fit on one layer "
+                        "and one row is refused")
+    p.add_argument("--skip-memory-check", action="store_true",
+                   help="measure even when the estimate exceeds the memory available")
     p.add_argument("--no-measure", action="store_true", help="print the formula only")
     p.add_argument("--compare", action="store_true",
                    help="also plot bytes vs context length for MHA, GQA, MQA and MLA versions of this model size")
@@ -329,7 +428,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     r = account(args.model, args.tokens, args.batch, args.dtype, int(args.max_params), measured=not args.no_measure,
-                source_tokens=args.source_tokens)
+                source_tokens=args.source_tokens, max_flops=args.max_flops, skip_memory_check=args.skip_memory_check)
     print(report(r))
     if args.compare:
         nbytes = as_dtype(args.dtype).itemsize
@@ -340,4 +439,6 @@ def run(args) -> int:
             print(f"{label:<32} {v:>14,} {v * args.tokens * args.batch * nbytes:>22,} {mla / v:>11.3f}")
         print(f"plot: {args.out}")
     m = r.get("measured") or {}
+    if "error" in m:  # the formula is printed, but the check the command promises was not made
+        return 1
     return 1 if "bytes" in m and m["bytes"] != r["formula_bytes"] else 0

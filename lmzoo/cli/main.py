@@ -3,12 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from lmzoo.errors import LmzooError
 
-COMMANDS = ["demo", "zoo", "generate", "convert", "kvcache", "masks", "tokenizer", "quantize", "speedrun",
+COMMANDS = ["speedrun", "zoo", "generate", "convert", "kvcache", "masks", "tokenizer", "quantize",
             "compare-archs", "pretrain", "train"]
+
+# What a shell reports for a process killed by SIGPIPE (128 + 13): `lmzoo zoo --json | head` exits
+# as `cat` would, without a traceback.
+EXIT_BROKEN_PIPE = 141
+
+
+def version() -> str:
+    """The installed distribution's version; the package's own when lmzoo runs from a source tree."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("lmzoo")
+    except PackageNotFoundError:
+        import lmzoo
+
+        return lmzoo.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lmzoo", description="Common LLM architectures from shared blocks: "
                                      "inspect, convert and run them.")
+    parser.add_argument("--version", action="version", version=f"lmzoo {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         mod = importlib.import_module(f"lmzoo.cli.{name.replace('-', '_')}")  # compare-archs -> compare_archs
@@ -26,7 +45,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _silence_stdout() -> None:
+    """After a reader closed the pipe: point stdout at /dev/null so the interpreter's final flush
+    does not raise (and print) a second BrokenPipeError."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (a test's capture)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:  # --help and --version exit through here too; a closed pipe often shows only at this flush
+            sys.stdout.flush()
+    except BrokenPipeError:  # `lmzoo zoo --json | head`: the reader has all it wanted
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):

@@ -2,7 +2,8 @@
 
 load: config.json -> family (registry) -> config -> model built on the meta device -> tensors
 converted by the family's key map, checked against the model's shapes, and assigned (no second
-copy, no random init of weights that are about to be overwritten).
+copy, no random init of weights that are about to be overwritten). The model remembers its
+directory (``model.source_directory``) so that ``save`` carries the tokenizer along (companions.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 from torch import nn
 
 from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.interop.companions import companion_files, tokenizer_writer
 from lmzoo.interop.safetensors_io import LazyState, write_directory
 from lmzoo.models.registry import Family, family_for_hf, get_family, get_preset
 
@@ -131,6 +133,7 @@ def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None =
         setattr(model.get_submodule(owner), attr, model.get_parameter(name))
     cfg.dtype = str(target).replace("torch.", "")
     model = model.to(device or "cpu")
+    model.source_directory = str(directory)  # where save() finds the tokenizer to carry along
     return model.eval()
 
 
@@ -144,8 +147,16 @@ def state_for_hf(model: nn.Module) -> dict[str, torch.Tensor]:
     return fam.keymap(model.config).to_hf(state)
 
 
-def save(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB") -> Path:
-    """Write ``model`` as a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads."""
+def save(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
+    """Write ``model`` as a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+
+    ``tokenizer``: a directory whose tokenizer files (and chat template, generation_config.json) are
+    copied, an ``lmzoo.Tokenizer`` or a transformers tokenizer; by default those of the directory
+    the model was loaded from, if any; ``False`` writes none."""
+    if tokenizer is None:  # the directory the model was loaded from, when it (still) holds a tokenizer
+        src = getattr(model, "source_directory", None)
+        tokenizer = src if src is not None and companion_files(src) else False
+    write_tokenizer = tokenizer_writer(tokenizer) if tokenizer is not False else None
     fam = _family_of(model)
     cfg = model.config
     tensors = state_for_hf(model)
@@ -156,7 +167,7 @@ def save(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB
         hf["quantization_config"] = model.quantization_config
     hf.setdefault("architectures", [fam.hf_architecture])
     return write_directory(path, tensors, {"config.json": json.dumps(hf, indent=2, sort_keys=True) + "\n"},
-                           max_shard_bytes=parse_size(max_shard_size))
+                           max_shard_bytes=parse_size(max_shard_size), fill=write_tokenizer)
 
 
 def parse_size(size: int | str) -> int:

@@ -1,6 +1,8 @@
 """Safetensors files and sharded directories, read lazily and written atomically.
 
-Never unpickles: ``.bin``/``.pt`` checkpoints are refused with a message that says so.
+Never unpickles: ``.bin``/``.pt`` checkpoints are refused with a message that says so. What is
+written gets the modes the user's umask gives (``mkdtemp`` alone makes the directory 0700, and
+safetensors writes its files 0600).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import safe_open
@@ -95,16 +98,38 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
     return shards
 
 
+def umask() -> int:
+    """The process's umask (read without changing it where /proc says; else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_temp_dir(parent: Path, prefix: str) -> Path:
+    """``tempfile.mkdtemp`` (a fresh name, no race), then the mode a plain ``mkdir`` would have given."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~umask())
+    return tmp
+
+
 def write_directory(directory: str | Path, state: dict[str, torch.Tensor], extra_files: dict[str, str],
-                    max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write tensors (sharded past ``max_shard_bytes``) and text files into ``directory``.
+                    max_shard_bytes: int = 5 * 2**30, fill: Callable[[Path], object] | None = None) -> Path:
+    """Write tensors (sharded past ``max_shard_bytes``) and text files into ``directory``; ``fill``
+    (given the directory being written) adds more, e.g. the tokenizer's files.
 
     Everything goes to a temporary sibling first; the directory appears under its name only once
     complete, so an interrupted save never leaves a directory that looks whole.
     """
     final = Path(directory)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp = make_temp_dir(final.parent, f".{final.name}.tmp-")
     try:
         state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
         shards = _shard(state, max_shard_bytes)
@@ -120,11 +145,16 @@ def write_directory(directory: str | Path, state: dict[str, torch.Tensor], extra
                 weight_map.update({k: name for k in shard})
             total = sum(t.numel() * t.element_size() for t in state.values())
             (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        for name, text in extra_files.items():
+        if fill is not None:
+            fill(tmp)
+        for name, text in extra_files.items():  # after fill: our config.json is the one that counts
             (tmp / name).write_text(text)
-        for p in tmp.iterdir():
-            with open(p, "rb") as fh:
-                os.fsync(fh.fileno())
+        mask = umask()
+        for p in tmp.rglob("*"):  # safetensors writes its files 0600: give every file the mode open() would
+            os.chmod(p, (0o666 if p.is_file() else 0o777) & ~mask)
+            if p.is_file():
+                with open(p, "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             final.rename(old)

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 from lmzoo.errors import CheckpointError
+from lmzoo.interop.safetensors_io import umask
 
 MANIFEST = "manifest.json"
 
@@ -70,11 +71,13 @@ def _files(directory: Path) -> list[Path]:
 
 def seal(tmp: Path, final: Path, meta: dict) -> Path:
     """Checksum every file of ``tmp`` into its manifest, then move ``tmp`` to ``final`` atomically."""
-    files = {}
+    files, mask = {}, umask()
     for p in _files(tmp):
+        os.chmod(p, 0o666 & ~mask)  # safetensors writes 0600: every file gets the mode the umask gives
         fsync_file(p)
         files[str(p.relative_to(tmp))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-    for d in sorted({p.parent for p in _files(tmp)}, reverse=True):
+    for d in sorted({p.parent for p in _files(tmp)} | {tmp}, reverse=True):
+        os.chmod(d, 0o777 & ~mask)
         fsync_dir(d)
     write_json(tmp / MANIFEST, {**meta, "files": files})
     fsync_dir(tmp)

@@ -1,7 +1,9 @@
-"""`lmzoo kvcache`: the formula equals the bytes of a real cache after generate, for every registered
-family; the printed numbers; --compare; DeepSeek-V2's reduction against its dense baseline."""
+"""`lmzoo kvcache`: the formula equals the bytes of a real cache after a prefill, for every registered
+family; the printed numbers; --compare; DeepSeek-V2's reduction against its dense baseline; the
+measurement at a full context, in chunks, with rows dropped, and refused when it cannot be done."""
 
 import pytest
+import torch
 
 import lmzoo
 from lmzoo.cli import kvcache
@@ -26,7 +28,7 @@ def test_formula_equals_measured_bytes_for_every_family(family):
         pytest.skip(f"{family} ({fam.shape}): its model keeps no KV cache")
     r = kvcache.account(name, tokens=6, batch=2, dtype="bf16", source_tokens=5)
     m = r["measured"]
-    if "generate refused a random prompt" in m.get("error", ""):
+    if "the prefill refused a random prompt" in m.get("error", ""):
         pytest.skip(f"{family}: {m['error']}")
     assert "error" not in m, m["error"]
     assert m["bytes"] == r["formula_bytes"] > 0
@@ -90,3 +92,37 @@ def test_deepseek_v2_reduction_against_deepseek_67b():
     assert (dense, mla) == (194_560, 34_560)
     assert round(1 - mla / dense, 4) == 0.8224  # MLA alone, both in BF16
     assert round(1 - mla * 6 / (dense * 16), 3) == 0.933  # with 6-bit cache values: the reported 93.3%
+
+
+def test_full_context_of_llama2_70b_is_measured(capsys):
+    """Issue 11: 4096 tokens (its whole context) used to say "measured: not done" and exit 0."""
+    assert main(["kvcache", "--model", "llama2-70b", "--tokens", "4096"]) == 0
+    out = capsys.readouterr().out
+    formula = 2 * 8 * 128 * 4096 * 80 * 2  # 2 · n_g · d_h · n_tokens · layers · bf16 bytes = 1.25 GiB
+    assert f"{formula:,} B (1.2 GiB)" in out
+    assert f"{formula // 40:,} B on 2 layer(s) × 80/2 = {formula:,} B" in out and "agrees to the byte" in out
+
+
+def test_a_measurement_that_cannot_be_done_exits_nonzero(capsys):
+    assert main(["kvcache", "--model", "deepseek-v2", "--tokens", "163840"]) == 1
+    out = capsys.readouterr().out
+    assert f"{576 * 163840 * 60 * 2:,} B" in out  # the formula is still printed
+    assert "measured: not done: a prefill of the cache costs about" in out and "--max-flops 3e+11" in out
+    assert main(["kvcache", "--model", "deepseek-v2", "--tokens", "163840", "--no-measure"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("preset", ["chatglm-6b", "t5-small", "bloom-560m"])
+def test_chunked_prefill_and_dropped_rows_still_agree(preset):
+    """Prefill in chunks of a few tokens (prefix mask + [gMASK] <sop>, encoder-decoder, ALiBi) and with
+    batch rows dropped to fit the budget: the scaled bytes are still the formula's."""
+    _, _, cfg = kvcache.resolve_config(preset)
+    tokens, source, batch = 12, 7, 3
+    small = kvcache.small_instance(cfg, 64_000_000)
+    one = kvcache.prefill_flops(build(small.replace(n_layers=1) if hasattr(small, "n_layers") else small,
+                                      device="meta"), tokens, source)
+    m = kvcache.measure(cfg, tokens, source, batch, torch.bfloat16, 64_000_000, max_flops=one * 1.5,
+                        scratch_bytes=4 * 3 * 64 * 4)
+    r = kvcache.account(preset, tokens, batch, "bf16", measured=False, source_tokens=source)
+    assert m["chunks"] > 1 and m["batch_kept"] == 1 and m["layers_kept"] == 1
+    assert m["bytes"] == r["formula_bytes"] == m["small_bytes"] * m["layers"] * batch

@@ -149,3 +149,30 @@ def test_meta_build_is_free_and_counts_parameters():
     assert time.perf_counter() - t < 30  # generous: this only guards against real allocation
     assert m.num_parameters() == 68_976_648_192  # the published LLaMA-2-70B count
     assert lmzoo.build("llama2-7b", device="meta").num_parameters() == 6_738_415_616
+
+
+@pytest.mark.parametrize("mask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
+def test_saved_directory_follows_the_umask(tmp_path, mask, dir_mode, file_mode):
+    """Issue 11: mkdtemp made every output folder 0700; what lmzoo writes gets the umask's modes."""
+    import os
+    import stat
+
+    from lmzoo.models.llama.config import LlamaConfig
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer_config.json").write_text("{}")
+    os.chmod(tok_dir / "tokenizer_config.json", 0o600)  # a copied file takes the umask's mode, not its source's
+    model = lmzoo.build(LlamaConfig(vocab_size=40, d_model=32, n_layers=1, n_heads=4, d_ff=48))
+    old = os.umask(mask)
+    try:
+        out = lmzoo.save(model, tmp_path / "m", tokenizer=tok_dir)
+        sharded = lmzoo.save(model, tmp_path / "s", max_shard_size=2000)
+    finally:
+        os.umask(old)
+    for d in (out, sharded):
+        assert stat.S_IMODE(d.stat().st_mode) == dir_mode
+        files = sorted(p for p in d.iterdir())
+        assert len(files) >= 2 and all(stat.S_IMODE(p.stat().st_mode) == file_mode for p in files), \
+            {p.name: oct(p.stat().st_mode) for p in files}
+    assert (out / "tokenizer_config.json").exists() and len(list(sharded.glob("model-*.safetensors"))) > 1
