@@ -28,6 +28,7 @@ import numpy as np
 
 from lmzoo.data.readers import read_documents
 from lmzoo.errors import LmzooError
+from lmzoo.interop.safetensors_io import umask
 
 FORMAT_VERSION = 1
 CHUNK_DOCS = 512  # documents per encode_batch call (the tokenizers backend encodes a batch in parallel)
@@ -92,6 +93,7 @@ def _atomic_write(target: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; the cache follows the user's umask like any file
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,4 +1,4 @@
-"""The tokenizer comparison table of the seed notes, measured on your own Chinese and English text.
+"""The tokenizer comparison table (vocabulary size, tokens per character), measured on your own Chinese and English text.
 
 Columns (every count is over the non-empty lines of each text, each line encoded on its own and
 without added special tokens, the way a corpus is tokenized for pretraining):

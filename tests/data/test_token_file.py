@@ -72,3 +72,15 @@ def test_bad_inputs_and_damaged_files(tok, tmp_path):
         fh.write(b"\0\0")
     with pytest.raises(LmzooError, match=r"\.bin: .* bytes, expected"):
         TokenFile.open(tf.path)
+
+
+def test_cache_files_follow_the_umask(tok, tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        tf = tokenize_texts(["x y", "z"], tok, cache_dir=tmp_path)
+    finally:
+        os.umask(old)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tf.path.parent.iterdir()}
+    assert modes and set(modes.values()) == {0o644}, modes  # mkstemp alone would leave 0600
