@@ -1,4 +1,4 @@
-"""Print the architecture table of the seed notes, computed from the registry.
+"""Print the architecture table, computed from the registry.
 
 Every cell is read off a model built on the meta device (no memory is allocated, so a 176B
 preset costs nothing): position encoding, activation, norm and its placement, attention kind,
@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 
+from lmzoo.errors import LmzooError
 from lmzoo.interop.checkpoint import as_dtype, build
 from lmzoo.models.registry import families
-from lmzoo.nn.position import Rotary2D
 
 HELP = "print the architecture table (family, shape, positions, activation, norm, attention, size, KV cache)"
 
@@ -23,19 +23,7 @@ def describe(name: str, fam, cfg, dtype_bytes: int = 2) -> dict:
         return {**common, **model.describe(), "d_model": cfg.d_model, "params": model.num_parameters(),
                 "kv_bytes_per_token": model.kv_bytes_per_token(dtype_bytes)}
     layer = model.layers[0]
-    if isinstance(model.rope, Rotary2D):
-        pos = "2D RoPE (position + block)"
-    elif model.rope is not None:
-        r = model.rope
-        pos = "RoPE" + (f" {r.cfg.rotary_fraction:g} of head" if r.cfg.rotary_fraction != 1 else "") + \
-              (" interleaved" if r.cfg.interleaved else "") + \
-              (f" +{r.cfg.scaling_type}" if r.cfg.scaling_type != "default" else "")
-    elif model.alibi is not None:
-        pos = "ALiBi"
-    elif model.positions is not None:
-        pos = "learned absolute"
-    else:
-        pos = "none"
+    pos = model.positions.describe()  # each position part names itself
     kinds = [_mlp_kind(layer.mlp) for layer in model.layers]
     act = max(kinds, key=kinds.count)  # the most common; layers that differ (DeepSeek's dense first) are noted
     act += "".join(f"; {k} in {kinds.count(k)} layer(s)" for k in dict.fromkeys(kinds) if k != act)
@@ -93,6 +81,9 @@ def add_arguments(p) -> None:
 
 def rows(family_filter=None, dtype: str = "bf16") -> list[dict]:
     nbytes = as_dtype(dtype).itemsize
+    unknown = sorted(set(family_filter or ()) - set(families()))
+    if unknown:  # a typo ('lama') would otherwise print an empty table
+        raise LmzooError(f"unknown family {', '.join(repr(u) for u in unknown)}; known: {', '.join(sorted(families()))}")
     out = []
     for fam in families().values():
         if family_filter and fam.name not in family_filter:

@@ -16,15 +16,18 @@ projected once from the encoder's output.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 from lmzoo.nn.kv_cache import KVCache
-from lmzoo.nn.position import RotaryEmbedding
+
+if TYPE_CHECKING:  # position.py's schemes build AttnInputs, so it imports this module, not the reverse
+    from lmzoo.nn.position import RotaryEmbedding
 
 
 @dataclass
@@ -74,9 +77,29 @@ def flash_available() -> bool:
     return torch.cuda.is_available()
 
 
+_FLASH_FALLBACKS_WARNED: set[str] = set()  # each reason is said once per process
+
+
+def flash_fallback_reasons(q: torch.Tensor, mask: torch.Tensor | None) -> list[str]:
+    """Why flash-attn cannot run this call (empty: it can). It takes no arbitrary mask, only
+    float16/bfloat16, only CUDA tensors; plain causal (is_causal) and cached decode it does itself."""
+    reasons = []
+    if mask is not None:
+        reasons.append("an explicit attention mask (padding, ALiBi bias, prefix or packed-document mask)")
+    if q.device.type != "cuda":
+        reasons.append(f"tensors on '{q.device.type}', not CUDA")
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        reasons.append(f"dtype {q.dtype}, not float16/bfloat16")
+    return reasons
+
+
 def _flash(q, k, v, mask, is_causal, scale, dropout_p):
-    if mask is not None or q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
-        # flash-attn takes no arbitrary mask (padding, ALiBi) and no float32: use sdpa for this call.
+    reasons = flash_fallback_reasons(q, mask)
+    if reasons:  # run this call with sdpa, and say so (once per reason)
+        for r in reasons:
+            if r not in _FLASH_FALLBACKS_WARNED:
+                _FLASH_FALLBACKS_WARNED.add(r)
+                warnings.warn(f"attn_kernel 'flash' was asked for but runs sdpa instead: {r}", stacklevel=3)
         return _sdpa(q, k, v, mask, is_causal, scale, dropout_p)
     from flash_attn import flash_attn_func
 

@@ -76,7 +76,7 @@ class KVCache:
 
 def kv_bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int, dtype_bytes: int = 2,
                        v_head_dim: int | None = None) -> int:
-    """The seed notes' formula for one token: 2·n_kv·d_head·layers (times bytes per value)."""
+    """The formula for one token: 2·n_kv·d_head·layers (times bytes per value)."""
     return n_layers * n_kv_heads * (head_dim + (v_head_dim or head_dim)) * dtype_bytes
 
 

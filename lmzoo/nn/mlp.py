@@ -45,32 +45,36 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class MLP(nn.Module):
-    """down(act(up(x))): the classic transformer feed-forward."""
+    """down(act(up(x))): the classic transformer feed-forward. ``dropout``: on the activations before
+    ``down`` (T5's DenseReluDense), training forwards only."""
 
-    def __init__(self, d_model: int, d_ff: int, act: str = "gelu", bias: bool = True):
+    def __init__(self, d_model: int, d_ff: int, act: str = "gelu", bias: bool = True, dropout: float = 0.0):
         super().__init__()
         self.act_name = act
         self.act = activation(act)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.up_proj(x)))
+        return self.down_proj(F.dropout(self.act(self.up_proj(x)), self.dropout, self.training and self.dropout > 0))
 
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with act='silu', GeGLU with act='gelu'."""
 
-    def __init__(self, d_model: int, d_ff: int, act: str = "silu", bias: bool = False):
+    def __init__(self, d_model: int, d_ff: int, act: str = "silu", bias: bool = False, dropout: float = 0.0):
         super().__init__()
         self.act_name = act
         self.act = activation(act)
         self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
         self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+        self.dropout = dropout  # on the gated product before down (T5 v1.1's DenseGatedActDense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(F.dropout(h, self.dropout, self.training and self.dropout > 0))
 
     @property
     def kind(self) -> str:

@@ -3,7 +3,9 @@ GLM's 2D RoPE, T5's bucketed relative bias.
 
 Every encoding here is computed once per forward at the model level and handed to the layers:
 RoPE gives ``(cos, sin)`` tables that attention applies to q and k, ALiBi gives an additive
-attention bias, learned positions are added to the token embeddings.
+attention bias, learned positions are added to the token embeddings. The three are also
+``CausalPositions`` parts (``layout.py``): handed to ``DecoderLM`` as its ``positions``, each builds
+a causal decoder's attention inputs (``encode``, ``embed``) and names itself (``describe``).
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ import torch
 from torch import nn
 
 from lmzoo.errors import ConfigError
+from lmzoo.nn.layout import CausalPositions
+from lmzoo.nn.masks import to_additive
 
 
-class LearnedPositions(nn.Module):
-    """Absolute positions as a lookup table (GPT-2, BERT): ``x + P[position_ids]``."""
+class LearnedPositions(CausalPositions, nn.Module):
+    """Absolute positions as a lookup table (GPT-2, BERT): ``x + P[position_ids]``. As a decoder's
+    position part it caps the context at the table's size (``max_positions``)."""
 
     def __init__(self, max_positions: int, d_model: int):
         super().__init__()
@@ -34,6 +39,12 @@ class LearnedPositions(nn.Module):
                 "of this model: the input is longer than its context"
             )
         return self.weight[position_ids]  # (B, T, D)
+
+    def embed(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        return x + self(position_ids.expand(x.shape[0], x.shape[1]))
+
+    def describe(self) -> str:
+        return "learned absolute"
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,7 +166,7 @@ class KeepFloat32(nn.Module):
         return self
 
 
-class RotaryEmbedding(KeepFloat32):
+class RotaryEmbedding(CausalPositions, KeepFloat32):
     """RoPE (Su et al. 2021): rotate pairs of q/k channels by position·frequency.
 
     ``forward(position_ids)`` builds the (cos, sin) tables once per model forward;
@@ -204,6 +215,14 @@ class RotaryEmbedding(KeepFloat32):
         out = x_rot * cos + rotated * sin
         return out if x_pass is None else torch.cat((out, x_pass), dim=-1)
 
+    def encode(self, inp, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> None:
+        inp.rope = self(q_pos, dtype)  # keys are rotated as they enter the cache, at their own positions
+
+    def describe(self) -> str:
+        c = self.cfg
+        return ("RoPE" + (f" {c.rotary_fraction:g} of head" if c.rotary_fraction != 1 else "")
+                + (" interleaved" if c.interleaved else "") + (f" +{c.scaling_type}" if c.scaling_type != "default" else ""))
+
 
 # --------------------------------------------------------------------------------------------
 # ALiBi
@@ -226,8 +245,10 @@ def alibi_slopes(n_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-class ALiBi(KeepFloat32):
+class ALiBi(CausalPositions, KeepFloat32):
     """Attention with linear biases: score(i, j) += -slope_h · (pos_i - pos_j)."""
+
+    needs_mask = True  # the bias lives in the mask, so there always is one
 
     def __init__(self, n_heads: int):
         super().__init__()
@@ -236,6 +257,13 @@ class ALiBi(KeepFloat32):
     def forward(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         dist = (q_pos[:, :, None] - k_pos[:, None, :]).float()  # (B, Tq, Tk)
         return -self.slopes[None, :, None, None] * dist[:, None]  # (B, H, Tq, Tk)
+
+    def encode(self, inp, q_pos: torch.Tensor, k_pos: torch.Tensor, dtype: torch.dtype) -> None:
+        bias = self(q_pos, k_pos)  # (B|1, H, Tq, Tk), float32
+        inp.mask = (to_additive(inp.mask, torch.float32) + bias).to(dtype)
+
+    def describe(self) -> str:
+        return "ALiBi"
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,6 +308,9 @@ class Rotary2D(nn.Module):
         x1, x2 = x[..., :h], x[..., h:]
         return torch.cat((self.per_half.rotate(x1, cos[..., :h], sin[..., :h]),
                           self.per_half.rotate(x2, cos[..., h:], sin[..., h:])), dim=-1)
+
+    def describe(self) -> str:
+        return "2D RoPE (position + block)"
 
 
 # --------------------------------------------------------------------------------------------

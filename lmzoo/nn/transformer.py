@@ -1,8 +1,8 @@
 """Transformer layers and the causal-decoder stack every decoder-only family is built from.
 
-A family builds a ``DecoderLM`` by handing it parts: the token embedding, an optional learned
-position table or embedding norm, the per-layer attention/MLP/norms, the position encoding that
-the attention consumes (RoPE tables or an ALiBi bias), the final norm and the head.
+A family builds a ``DecoderLM`` by handing it parts: the token embedding, its position part (a
+``layout.PositionScheme``: a learned table, RoPE, ALiBi, GLM's 2D positions with a prefix mask...),
+an optional embedding norm, the per-layer attention/MLP/norms, the final norm and the head.
 
 ``Encoder`` is the bidirectional stack (BERT, the T5 encoder), ``EncoderDecoderLM`` adds a decoder
 whose ``CrossDecoderLayer``s attend to the encoder output (T5).
@@ -18,18 +18,23 @@ import torch.nn.functional as F
 
 from lmzoo.nn.attention import Attention, AttnInputs, CrossAttention
 from lmzoo.nn.kv_cache import EncoderDecoderCache, KVCache
-from lmzoo.nn.masks import build_mask, decoder_mask, padding_mask, positions_from_mask, to_additive
-from lmzoo.nn.position import ALiBi, LearnedPositions, RelativePositionBias, RotaryEmbedding
+from lmzoo.nn.layout import NoPositions, PositionScheme, Step
+from lmzoo.nn.masks import decoder_mask, padding_mask, to_additive
+from lmzoo.nn.position import RelativePositionBias
 
 
 class TransformerLayer(nn.Module):
     """One residual block. ``placement='pre'``: x + f(norm(x)) (GPT-2, LLaMA, Bloom, ChatGLM2);
     ``'post'``: norm(x + f(x)) (original Transformer, BERT); ``'deepnorm'``: y = norm(x), then
     α·y + f(y) (GLM-130B, ChatGLM-6B), which is DeepNorm's norm(α·x + f(x)) with each norm moved to
-    the start of the next sublayer; the stack's final norm closes the last one."""
+    the start of the next sublayer; the stack's final norm closes the last one.
+
+    ``dropout``: residual dropout, on each sublayer's output f(·) before it joins the residual
+    (GPT-2's resid_pdrop, Bloom's and ChatGLM2's hidden_dropout, BERT's and ViT's hidden dropout);
+    training forwards only."""
 
     def __init__(self, attn: Attention, mlp: nn.Module, attn_norm: nn.Module, mlp_norm: nn.Module,
-                 placement: str = "pre", alpha: float = 1.0):
+                 placement: str = "pre", alpha: float = 1.0, dropout: float = 0.0):
         super().__init__()
         if placement not in ("pre", "post", "deepnorm"):
             raise ValueError(f"norm placement must be 'pre', 'post' or 'deepnorm', got '{placement}'")
@@ -39,17 +44,33 @@ class TransformerLayer(nn.Module):
         self.attn_norm, self.mlp_norm = attn_norm, mlp_norm
         self.placement = placement
         self.alpha = alpha
+        self.dropout = check_dropout(dropout, "dropout")
+
+    def _drop(self, h: torch.Tensor) -> torch.Tensor:
+        return _dropout(h, self.dropout, self.training)
 
     def forward(self, x: torch.Tensor, inp: AttnInputs, layer_idx: int) -> torch.Tensor:
+        f = self._drop
         if self.placement == "pre":
-            x = x + self.attn(self.attn_norm(x), inp, layer_idx)
-            return x + self.mlp(self.mlp_norm(x))
+            x = x + f(self.attn(self.attn_norm(x), inp, layer_idx))
+            return x + f(self.mlp(self.mlp_norm(x)))
         if self.placement == "deepnorm":
             y = self.attn_norm(x)
-            y = self.mlp_norm(self.alpha * y + self.attn(y, inp, layer_idx))
-            return self.alpha * y + self.mlp(y)
-        x = self.attn_norm(x + self.attn(x, inp, layer_idx))
-        return self.mlp_norm(x + self.mlp(x))
+            y = self.mlp_norm(self.alpha * y + f(self.attn(y, inp, layer_idx)))
+            return self.alpha * y + f(self.mlp(y))
+        x = self.attn_norm(x + f(self.attn(x, inp, layer_idx)))
+        return self.mlp_norm(x + f(self.mlp(x)))
+
+
+def check_dropout(p: float, name: str) -> float:
+    """A dropout probability in [0, 1], or a ValueError naming the field."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+    return float(p)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return F.dropout(x, p, training=True) if p and training else x
 
 
 @dataclass
@@ -72,82 +93,48 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
 
 class DecoderLM(nn.Module):
-    """Causal decoder: embed -> [positions] -> [embed norm] -> layers -> norm -> head."""
+    """Causal decoder: embed -> [positions] -> [embed norm] -> layers -> norm -> head.
+
+    ``positions`` is the stack's one position part (``layout.PositionScheme``): it builds every
+    layer's attention inputs, adds what it adds to the embeddings and makes the cache, so the
+    forward below is the same for learned, RoPE, ALiBi, GLM's 2D positions or any new scheme.
+    """
 
     def __init__(self, config, *, embed: nn.Embedding, layers: list[TransformerLayer], final_norm: nn.Module,
-                 rope: RotaryEmbedding | None = None, alibi: ALiBi | None = None,
-                 positions: LearnedPositions | None = None, embed_norm: nn.Module | None = None,
-                 tie_embeddings: bool = False, head_bias: bool = False, max_positions: int | None = None,
-                 aux_loss_alpha: float = 0.0):
+                 positions: PositionScheme | None = None, embed_norm: nn.Module | None = None,
+                 tie_embeddings: bool = False, head_bias: bool = False, aux_loss_alpha: float = 0.0,
+                 embed_dropout: float = 0.0):
         super().__init__()
         self.config = config
         self.embed = embed
-        self.positions, self.embed_norm = positions, embed_norm
-        self.rope, self.alibi = rope, alibi
+        self.positions = positions if positions is not None else NoPositions()
+        self.embed_norm = embed_norm
         self.layers = nn.ModuleList(layers)
         self.final_norm = final_norm
         self.tie_embeddings = tie_embeddings
-        self.max_positions = max_positions
         self.aux_loss_alpha = aux_loss_alpha  # weight of the MoE layers' aux_loss in .loss (DeepSeek's α1)
+        self.embed_dropout = check_dropout(embed_dropout, "embed_dropout")  # GPT-2's embd_pdrop, on tokens + positions
         V, D = embed.weight.shape
         self.lm_head = nn.Linear(D, V, bias=head_bias)
         if tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    @property
+    def max_positions(self) -> int | None:
+        """The hard context limit a forward enforces (the position part's; None: no limit)."""
+        return self.positions.max_positions
+
     # -- cache ---------------------------------------------------------------------------------
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         p = self.embed.weight
-        return self.layers[0].attn.new_cache(len(self.layers), batch, max_len, dtype or p.dtype, device or p.device)
+        return self.positions.new_cache(self.layers[0].attn, len(self.layers), batch, max_len, dtype or p.dtype,
+                                        device or p.device)
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """KV-cache bytes one token costs across all layers (batch 1)."""
         return sum(layer.attn.kv_bytes_per_token(dtype_bytes) for layer in self.layers)
 
     # -- forward -------------------------------------------------------------------------------
-    def _attn_inputs(self, attention_mask, position_ids, q_len, past, dtype, cache) -> tuple[AttnInputs, torch.Tensor]:
-        k_len = past + q_len
-        padded = attention_mask is not None and not bool(attention_mask.all())
-        if position_ids is None:
-            if attention_mask is not None:
-                position_ids = positions_from_mask(attention_mask)[:, -q_len:] if padded else None
-            if position_ids is None:
-                position_ids = torch.arange(past, k_len, device=self.embed.weight.device)[None]
-        inp = AttnInputs(cache=cache)
-        if padded or self.alibi is not None:
-            inp.mask = decoder_mask(attention_mask if padded else None, q_len, k_len, position_ids.device)
-        elif q_len > 1:
-            inp.is_causal = past == 0
-            if past:
-                inp.mask = decoder_mask(None, q_len, k_len, position_ids.device)
-        if self.alibi is not None:
-            if padded:
-                k_pos = positions_from_mask(attention_mask)
-            else:
-                k_pos = torch.arange(k_len, device=position_ids.device)[None]
-            bias = self.alibi(position_ids, k_pos)  # (B, H, Tq, Tk)
-            inp.mask = to_additive(inp.mask, torch.float32) + bias
-            inp.mask = inp.mask.to(dtype)
-        if self.rope is not None:
-            inp.rope = self.rope(position_ids, dtype)
-        return inp, position_ids
-
-    def _packed_inputs(self, doc_ids, attention_mask, position_ids, cache, dtype) -> tuple[AttnInputs, torch.Tensor]:
-        """Attention inputs for packed documents: the causal same-document mask, positions per document."""
-        if cache is not None:
-            raise ValueError("doc_ids (packed documents) is for training forwards; it takes no cache")
-        T = doc_ids.shape[-1]
-        if position_ids is None:  # index minus the index where the token's document starts
-            idx = torch.arange(T, device=doc_ids.device).expand_as(doc_ids)
-            starts = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
-            position_ids = idx - torch.cummax(torch.where(starts, idx, torch.zeros_like(idx)), dim=-1).values  # (B, T)
-        mask = build_mask("packed", T, doc_ids=doc_ids, attention_mask=attention_mask)  # (B, 1, T, T)
-        inp = AttnInputs(mask=mask)
-        if self.alibi is not None:  # keys are the queries here, so both sides use the reset positions
-            inp.mask = (to_additive(mask, torch.float32) + self.alibi(position_ids, position_ids)).to(dtype)
-        if self.rope is not None:
-            inp.rope = self.rope(position_ids, dtype)
-        return inp, position_ids
-
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
@@ -155,22 +142,24 @@ class DecoderLM(nn.Module):
         """``logits_to_keep=n`` computes the head for the last n positions only (0 = all); the
         generation engine passes 1, since a prefill needs only the next token's logits.
         ``doc_ids`` (B, T): a packed row of several documents (training, no cache); each token
-        attends only to earlier tokens of its own document, and positions restart per document."""
+        attends only to earlier tokens of its own document, and positions restart per document.
+        ``position_ids`` overrides the positions; its shape is the position part's ((B, T) for 1D
+        positions, (B, 2, T) for 2D)."""
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        B, T = x.shape[:2]
+        T = x.shape[1]
         past = cache.length if cache is not None else 0
         if attention_mask is not None and attention_mask.shape[-1] != past + T:
             raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected "
                              f"{past} cached + {T} new = {past + T}")
-        if self.max_positions is not None and past + T > self.max_positions and self.positions is not None:
+        if self.max_positions is not None and past + T > self.max_positions:
             raise ValueError(f"sequence of {past + T} tokens is longer than the model's context "
                              f"of {self.max_positions}")
-        if doc_ids is not None:
-            inp, position_ids = self._packed_inputs(doc_ids, attention_mask, position_ids, cache, x.dtype)
-        else:
-            inp, position_ids = self._attn_inputs(attention_mask, position_ids, T, past, x.dtype, cache)
-        if self.positions is not None:
-            x = x + self.positions(position_ids.expand(B, T))
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids (packed documents) is for training forwards; it takes no cache")
+        step = Step(q_len=T, past=past, dtype=x.dtype, device=x.device, input_ids=input_ids,
+                    attention_mask=attention_mask, position_ids=position_ids, doc_ids=doc_ids, cache=cache)
+        inp, position_ids = self.positions.attn_inputs(step)
+        x = _dropout(self.positions.embed(x, position_ids), self.embed_dropout, self.training)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         for i, layer in enumerate(self.layers):
@@ -225,11 +214,15 @@ class Encoder(nn.Module):
     """
 
     def __init__(self, layers: list[TransformerLayer], final_norm: nn.Module | None = None,
-                 position_bias: RelativePositionBias | None = None, causal: bool = False):
+                 position_bias: RelativePositionBias | None = None, causal: bool = False,
+                 input_dropout: float = 0.0, output_dropout: float = 0.0):
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.final_norm, self.position_bias = final_norm, position_bias
         self.causal = causal
+        # dropout on the embedded input (BERT, ViT, T5) and after the final norm (T5); training only
+        self.input_dropout = check_dropout(input_dropout, "input_dropout")
+        self.output_dropout = check_dropout(output_dropout, "output_dropout")
 
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         T = x.shape[1]
@@ -242,9 +235,11 @@ class Encoder(nn.Module):
             pad = decoder_mask(attention_mask if padded else None, T, T, x.device)  # (B|1, 1, T, T) causal & pads
         inp = AttnInputs(mask=_bias_and_mask(bias, pad, x.dtype),  # (B|1, 1|H, T, T) or None
                          is_causal=self.causal and pad is None)
+        x = _dropout(x, self.input_dropout, self.training)
         for i, layer in enumerate(self.layers):
             x = layer(x, inp, i)
-        return self.final_norm(x) if self.final_norm is not None else x
+        x = self.final_norm(x) if self.final_norm is not None else x
+        return _dropout(x, self.output_dropout, self.training)
 
     def describe(self) -> dict:
         pb = self.position_bias
@@ -258,23 +253,27 @@ class CrossDecoderLayer(nn.Module):
     norm(x + f(x)) (the original Transformer). diff from ``TransformerLayer``: the middle sublayer."""
 
     def __init__(self, attn: Attention, cross_attn: CrossAttention, mlp: nn.Module, attn_norm: nn.Module,
-                 cross_norm: nn.Module, mlp_norm: nn.Module, placement: str = "pre"):
+                 cross_norm: nn.Module, mlp_norm: nn.Module, placement: str = "pre", dropout: float = 0.0):
         super().__init__()
         if placement not in ("pre", "post"):
             raise ValueError(f"norm placement must be 'pre' or 'post', got '{placement}'")
         self.attn, self.cross_attn, self.mlp = attn, cross_attn, mlp
         self.attn_norm, self.cross_norm, self.mlp_norm = attn_norm, cross_norm, mlp_norm
         self.placement = placement
+        self.dropout = check_dropout(dropout, "dropout")  # residual dropout on each sublayer's output (T5)
 
     def forward(self, x: torch.Tensor, inp: AttnInputs, memory_kv: tuple[torch.Tensor, torch.Tensor],
                 memory_mask: torch.Tensor | None, layer_idx: int) -> torch.Tensor:
+        def f(h):
+            return _dropout(h, self.dropout, self.training)
+
         if self.placement == "pre":
-            x = x + self.attn(self.attn_norm(x), inp, layer_idx)
-            x = x + self.cross_attn(self.cross_norm(x), memory_kv, memory_mask)
-            return x + self.mlp(self.mlp_norm(x))
-        x = self.attn_norm(x + self.attn(x, inp, layer_idx))
-        x = self.cross_norm(x + self.cross_attn(x, memory_kv, memory_mask))
-        return self.mlp_norm(x + self.mlp(x))
+            x = x + f(self.attn(self.attn_norm(x), inp, layer_idx))
+            x = x + f(self.cross_attn(self.cross_norm(x), memory_kv, memory_mask))
+            return x + f(self.mlp(self.mlp_norm(x)))
+        x = self.attn_norm(x + f(self.attn(x, inp, layer_idx)))
+        x = self.cross_norm(x + f(self.cross_attn(x, memory_kv, memory_mask)))
+        return self.mlp_norm(x + f(self.mlp(x)))
 
 
 @dataclass
@@ -307,8 +306,10 @@ class EncoderDecoderLM(nn.Module):
     def __init__(self, config, *, embed: nn.Embedding, encoder: Encoder, decoder_layers: list[CrossDecoderLayer],
                  decoder_final_norm: nn.Module, decoder_position_bias: RelativePositionBias | None = None,
                  tie_embeddings: bool = False, head_scale: float = 1.0, decoder_start_token_id: int = 0,
-                 pad_token_id: int = 0):
+                 pad_token_id: int = 0, decoder_dropout: float = 0.0):
         super().__init__()
+        # on the decoder's embedded input and after its final norm (T5's dropout_rate); training only
+        self.decoder_dropout = check_dropout(decoder_dropout, "decoder_dropout")
         self.config = config
         self.embed, self.encoder = embed, encoder
         self.decoder_layers = nn.ModuleList(decoder_layers)
@@ -374,11 +375,12 @@ class EncoderDecoderLM(nn.Module):
             inp.mask = _bias_and_mask(bias, causal, x.dtype)  # (B|1, 1|H, T, past+T)
         else:
             inp.is_causal = T > 1
+        x = _dropout(x, self.decoder_dropout, self.training)
         for i, layer in enumerate(self.decoder_layers):
             x = layer(x, inp, kvs[i], cross_mask, i)
         if cache is not None:
             cache.commit()
-        x = self.decoder_final_norm(x)
+        x = _dropout(self.decoder_final_norm(x), self.decoder_dropout, self.training)
         h = x[:, -logits_to_keep:] if logits_to_keep else x
         logits = self.lm_head(h * self.head_scale if self.head_scale != 1.0 else h)
         loss = None

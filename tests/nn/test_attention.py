@@ -72,3 +72,25 @@ def test_module_eager_equals_sdpa():
     out_e = a(x, inp)
     a.set_kernel("sdpa")
     torch.testing.assert_close(a(x, inp), out_e, atol=1e-5, rtol=0)
+
+
+def test_flash_says_once_why_it_runs_sdpa(monkeypatch):
+    # On this CPU, in float32 and with a mask, all three reasons apply; each is warned about once, and
+    # the call still computes sdpa's result.
+    import warnings
+
+    from lmzoo.nn import attention as A
+
+    monkeypatch.setattr(A, "_FLASH_FALLBACKS_WARNED", set())
+    q, k, v = (torch.randn(1, 2, 4, 8) for _ in range(3))
+    mask = torch.ones(4, 4, dtype=torch.bool).tril()[None, None]
+    with pytest.warns(UserWarning, match="'flash' was asked for but runs sdpa") as got:
+        out = A._flash(q, k, v, mask, False, 8 ** -0.5, 0.0)
+    said = " | ".join(str(w.message) for w in got)
+    assert "explicit attention mask" in said and "not CUDA" in said and "float16/bfloat16" in said
+    assert torch.allclose(out, A._sdpa(q, k, v, mask, False, 8 ** -0.5, 0.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same reasons again: silent
+        A._flash(q, k, v, mask, False, 8 ** -0.5, 0.0)
+    with pytest.warns(UserWarning, match="dtype torch.float64"):  # a new reason is said
+        A._flash(q.double(), k.double(), v.double(), None, True, 8 ** -0.5, 0.0)

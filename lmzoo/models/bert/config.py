@@ -18,7 +18,8 @@ from lmzoo.nn.mlp import ACTIVATIONS
 _KNOWN = {"model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
           "intermediate_size", "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
           "tie_word_embeddings", "position_embedding_type", "is_decoder", "add_cross_attention", "bos_token_id",
-          "eos_token_id", "pad_token_id", "torch_dtype", "dtype"}
+          "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "hidden_dropout_prob",
+          "attention_probs_dropout_prob"}
 
 # architectures -> (mlm_head, nsp_head, pooler), for configs built without a checkpoint
 _HEADS = {"BertForPreTraining": (True, True, True), "BertForMaskedLM": (True, False, False),
@@ -42,6 +43,11 @@ class BertConfig(DecoderConfig):
     mlm_head: bool = True
     nsp_head: bool = True
     pooler: bool = True
+    # transformers' BERT (training only): hidden_dropout_prob on the normed embeddings and on each
+    # attention / MLP output before its Add & Norm; attention_probs_dropout_prob on the attention
+    # probabilities. A config.json without them reads as BertConfig's 0.1; lmzoo's own default to none.
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -82,6 +88,8 @@ class BertConfig(DecoderConfig):
                    norm_eps=hf.get("layer_norm_eps", 1e-12), type_vocab_size=hf.get("type_vocab_size", 2), act=act,
                    tie_embeddings=hf.get("tie_word_embeddings", True) is not False, mlm_head=mlm, nsp_head=nsp,
                    pooler=pooler, hf_extra={k: v for k, v in hf.items() if k not in _KNOWN},
+                   hidden_dropout=float(hf.get("hidden_dropout_prob", 0.1)),
+                   attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.1)),
                    **{"pad_token_id": 0, **cls.common_from_hf(hf)})
 
     def to_hf(self) -> dict:
@@ -90,12 +98,14 @@ class BertConfig(DecoderConfig):
                 "num_attention_heads": self.n_heads, "intermediate_size": self.d_ff, "hidden_act": self.act,
                 "max_position_embeddings": self.max_positions, "type_vocab_size": self.type_vocab_size,
                 "layer_norm_eps": self.norm_eps, "position_embedding_type": "absolute",
+                "hidden_dropout_prob": self.hidden_dropout, "attention_probs_dropout_prob": self.attention_dropout,
                 "tie_word_embeddings": self.tie_embeddings, **self.special_tokens_hf(), "dtype": self.dtype}
 
 
 def _bert(d: int, layers: int, heads: int, d_ff: int, *, heads_on: bool = True) -> BertConfig:
     return BertConfig(vocab_size=30522, d_model=d, n_layers=layers, n_heads=heads, d_ff=d_ff, max_positions=512,
-                      mlm_head=heads_on, nsp_head=heads_on, pooler=True, dtype="float32")
+                      mlm_head=heads_on, nsp_head=heads_on, pooler=True, dtype="float32",
+                      hidden_dropout=0.1, attention_dropout=0.1)  # the published dropouts
 
 
 PRESETS = {

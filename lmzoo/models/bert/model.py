@@ -121,14 +121,16 @@ def build(cfg: BertConfig) -> Bert:
     d = cfg.d_model
     layers = [
         TransformerLayer(
-            attn=Attention(d, cfg.n_heads, qkv_bias=True, out_bias=True, kernel=cfg.attn_kernel),
+            attn=Attention(d, cfg.n_heads, qkv_bias=True, out_bias=True, kernel=cfg.attn_kernel,
+                           dropout=cfg.attention_dropout),
             mlp=MLP(d, cfg.d_ff, act=cfg.act, bias=True),
             attn_norm=LayerNorm(d, eps=cfg.norm_eps),
             mlp_norm=LayerNorm(d, eps=cfg.norm_eps),
             placement="post",
+            dropout=cfg.hidden_dropout,
         )
         for _ in range(cfg.n_layers)
     ]
     return Bert(cfg, embed=nn.Embedding(cfg.vocab_size, d), segment_embed=nn.Embedding(cfg.type_vocab_size, d),
                 positions=LearnedPositions(cfg.max_positions, d), embed_norm=LayerNorm(d, eps=cfg.norm_eps),
-                encoder=Encoder(layers))
+                encoder=Encoder(layers, input_dropout=cfg.hidden_dropout))

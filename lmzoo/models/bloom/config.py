@@ -20,7 +20,8 @@ from lmzoo.models.config_base import DecoderConfig
 _KNOWN = {"model_type", "architectures", "vocab_size", "hidden_size", "n_embed", "n_layer", "num_hidden_layers",
           "n_head", "num_attention_heads", "layer_norm_epsilon", "tie_word_embeddings", "seq_length",
           "apply_residual_connection_post_layernorm", "pretraining_tp", "slow_but_exact",
-          "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype"}
+          "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "hidden_dropout",
+          "attention_dropout"}
 
 TRAINED_CONTEXT = 2048  # every BigScience Bloom was trained on 2048-token sequences
 
@@ -42,6 +43,10 @@ class BloomConfig(DecoderConfig):
     tie_embeddings: bool = True
     pretraining_tp: int = 1  # numerics-only, see the module docstring
     slow_but_exact: bool = False
+    # transformers' Bloom: hidden_dropout on each attention / MLP output as it joins the residual
+    # (dropout_add), attention_dropout on the attention probabilities; none on the embeddings.
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
 
     def __post_init__(self):
         if not self.d_ff:
@@ -72,6 +77,8 @@ class BloomConfig(DecoderConfig):
                    tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
                    pretraining_tp=int(hf.get("pretraining_tp") or 1),
                    slow_but_exact=bool(hf.get("slow_but_exact", False)),
+                   hidden_dropout=float(hf.get("hidden_dropout", 0.0)),
+                   attention_dropout=float(hf.get("attention_dropout", 0.0)),
                    hf_extra={k: v for k, v in hf.items() if k not in _KNOWN}, **cls.common_from_hf(hf))
 
     def to_hf(self) -> dict:
@@ -80,6 +87,7 @@ class BloomConfig(DecoderConfig):
                 "n_head": self.n_heads, "layer_norm_epsilon": self.norm_eps, "seq_length": self.max_positions,
                 "tie_word_embeddings": self.tie_embeddings, "apply_residual_connection_post_layernorm": False,
                 "pretraining_tp": self.pretraining_tp, "slow_but_exact": self.slow_but_exact,
+                "hidden_dropout": self.hidden_dropout, "attention_dropout": self.attention_dropout,
                 **self.special_tokens_hf(), "dtype": self.dtype}
 
 

@@ -24,10 +24,12 @@ def build(cfg: BloomConfig) -> DecoderLM:
     d, eps = cfg.d_model, cfg.norm_eps
     layers = [
         TransformerLayer(
-            attn=Attention(d, cfg.n_heads, qkv_bias=True, out_bias=True, kernel=cfg.attn_kernel),
+            attn=Attention(d, cfg.n_heads, qkv_bias=True, out_bias=True, kernel=cfg.attn_kernel,
+                           dropout=cfg.attention_dropout),
             mlp=MLP(d, cfg.d_ff, act="gelu_tanh", bias=True),  # Bloom's gelu is the tanh approximation
             attn_norm=LayerNorm(d, eps=eps),
             mlp_norm=LayerNorm(d, eps=eps),
+            dropout=cfg.hidden_dropout,
         )
         for _ in range(cfg.n_layers)
     ]
@@ -35,4 +37,4 @@ def build(cfg: BloomConfig) -> DecoderLM:
     # cfg.max_positions (seq_length, the trained context). The core builds the bias from positions
     # that skip left padding.
     return DecoderLM(cfg, embed=nn.Embedding(cfg.vocab_size, d), layers=layers, final_norm=LayerNorm(d, eps=eps),
-                     alibi=ALiBi(cfg.n_heads), embed_norm=LayerNorm(d, eps=eps), tie_embeddings=cfg.tie_embeddings)
+                     positions=ALiBi(cfg.n_heads), embed_norm=LayerNorm(d, eps=eps), tie_embeddings=cfg.tie_embeddings)

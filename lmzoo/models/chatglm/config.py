@@ -6,9 +6,13 @@ inner_hidden_size, layernorm_epsilon, max_sequence_length. The special tokens dr
 only generation: the prompt ends with ``[gMASK]`` (gmask_token_id) and ``<sop>`` (bos_token_id),
 and the model finds its bidirectional prefix and its 2D positions from where they sit.
 
-Fields that ChatGLM-6B's code does not have and lmzoo adds, written only when not the default:
-``glu_activation: "geglu"`` (GLM-130B's feed-forward, x1 · gelu(x2) over the two halves of
-dense_h_to_4h).
+Fields that ChatGLM-6B's code does not have and lmzoo adds: ``glu_activation: "geglu"`` (GLM-130B's
+feed-forward, x1 · gelu(x2) over the two halves of dense_h_to_4h), written only when not the
+default; ``deepnorm_layers``, the N of DeepNorm's α = √(2N), always written. THUDM's
+modeling_chatglm.py builds every ``GLMBlock`` with its default ``num_layers=28`` (``get_layer``
+does not pass ``config.num_layers``), so the release code computes α = √56 at any depth: a
+config.json without the field reads as 28, which reproduces the release code's numbers for a
+checkpoint of any depth. lmzoo's own configs default to N = n_layers (``deepnorm_layers=None``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ from lmzoo.models.config_base import DecoderConfig
 _KNOWN = {"model_type", "architectures", "vocab_size", "hidden_size", "num_layers", "num_attention_heads",
           "inner_hidden_size", "layernorm_epsilon", "max_sequence_length", "position_encoding_2d",
           "bos_token_id", "eos_token_id", "pad_token_id", "mask_token_id", "gmask_token_id", "glu_activation",
-          "tie_word_embeddings", "pre_seq_len", "prefix_projection", "quantization_bit", "torch_dtype", "dtype"}
+          "tie_word_embeddings", "pre_seq_len", "prefix_projection", "quantization_bit", "torch_dtype", "dtype",
+          "deepnorm_layers"}
+
+RELEASE_ALPHA_LAYERS = 28  # GLMBlock(num_layers=28): the release never passes config.num_layers to it
 
 MLP_KINDS = ("gelu", "geglu")
 
@@ -53,6 +60,12 @@ class ChatGLMConfig(DecoderConfig):
     pad_token_id: int | None = 3
     mask_token_id: int = 130000  # [MASK]: fill in a short blank
     gmask_token_id: int = 130001  # [gMASK]: generate to the end (what chat uses)
+    # DeepNorm's N (α = √(2N), init gain β = (2N)^-½); None: n_layers. The release layout reads as 28.
+    deepnorm_layers: int | None = None
+
+    @property
+    def alpha_layers(self) -> int:
+        return self.deepnorm_layers if self.deepnorm_layers is not None else self.n_layers
 
     def __post_init__(self):
         super().__post_init__()
@@ -66,6 +79,9 @@ class ChatGLMConfig(DecoderConfig):
                               f"must be a multiple of 4, got {self.head_dim}")
         if self.bos_token_id is None:
             raise ConfigError("chatglm: bos_token_id (<sop>) is required: the model finds its prefix from it")
+        n = self.deepnorm_layers
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+            raise ConfigError(f"chatglm: deepnorm_layers (DeepNorm's N) must be a positive integer or None, got {n!r}")
 
     @classmethod
     def from_hf(cls, hf: dict, source: str = "config.json") -> "ChatGLMConfig":
@@ -84,6 +100,7 @@ class ChatGLMConfig(DecoderConfig):
                    pad_token_id=hf.get("pad_token_id"),
                    mask_token_id=int(hf.get("mask_token_id", 130000)),
                    gmask_token_id=int(hf.get("gmask_token_id", 130001)),
+                   deepnorm_layers=int(hf.get("deepnorm_layers") or RELEASE_ALPHA_LAYERS),
                    hf_extra={k: v for k, v in hf.items() if k not in _KNOWN},
                    dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"))
 
@@ -96,7 +113,8 @@ class ChatGLMConfig(DecoderConfig):
                "position_encoding_2d": True, "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
                "pad_token_id": self.pad_token_id, "mask_token_id": self.mask_token_id,
                "gmask_token_id": self.gmask_token_id, "pre_seq_len": None, "prefix_projection": False,
-               "quantization_bit": 0, "torch_dtype": self.dtype, "dtype": self.dtype}
+               "quantization_bit": 0, "torch_dtype": self.dtype, "dtype": self.dtype,
+               "deepnorm_layers": self.alpha_layers}
         if self.tie_embeddings:
             out["tie_word_embeddings"] = True
         if self.mlp != "gelu":

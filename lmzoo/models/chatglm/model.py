@@ -6,16 +6,19 @@ diff from ChatGLM2 (and every causal decoder here):
 - 2D positions (``position.Rotary2D``): the first half of each head rotates by the position id,
   the second half by the block position id. Prompt tokens have positions 0..n-1 and block 0;
   ``<sop>`` and the generated tokens all keep the position of ``[gMASK]`` and count blocks 1, 2, 3...;
-- DeepNorm residuals, y = LN(x); x' = α·y + f(y) with α = (2·n_layers)^0.5, and DeepNorm's
-  initialisation (Xavier normal, gain β = (2·n_layers)^-0.5 on v, o and the MLP);
+- DeepNorm residuals, y = LN(x); x' = α·y + f(y) with α = (2N)^0.5, and DeepNorm's
+  initialisation (Xavier normal, gain β = (2N)^-0.5 on v, o and the MLP). N is
+  ``cfg.deepnorm_layers``: the release code builds every GLMBlock with its default num_layers=28,
+  so a checkpoint in the release layout has α = √56 whatever its depth; lmzoo's own configs
+  default to N = n_layers;
 - LayerNorm with bias, tanh-GeLU MLP with biases (or GeGLU, ``mlp="geglu"``), biases on q, k, v, o;
 - RoPE's inverse frequencies rounded to float16, as the original computes them.
 
-Why its own model class rather than more options on ``DecoderLM``: the prefix and the 2D positions
-are read off the *tokens* ([gMASK] and <sop> per row) at prefill and must be remembered for every
-decode step after it. ``GLMPrefixLM`` keeps that per-row layout in its cache (``GLMCache``) and
-builds its mask and positions from it; everything else (embedding, layers, norm, head, loss,
-``logits_to_keep``) is ``DecoderLM``'s, so no other family's forward changes.
+The prefix and the 2D positions are read off the *tokens* ([gMASK] and <sop> per row) at prefill
+and must be remembered for every decode step after it: that is ``GLMPositions``, the stack's
+position part (``nn/layout.py``), which keeps the per-row layout in its cache (``GLMCache``) and
+builds the mask and 2D RoPE tables from it. The forward is ``DecoderLM``'s; ``GLMPrefixLM`` only
+adds ``prompt_tail``.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ from lmzoo.errors import LmzooError
 from lmzoo.models.chatglm.config import ChatGLMConfig
 from lmzoo.nn.attention import Attention, AttnInputs
 from lmzoo.nn.kv_cache import KVCache
+from lmzoo.nn.layout import PositionScheme, Step
 from lmzoo.nn.masks import build_mask
 from lmzoo.nn.mlp import MLP, GatedMLP
 from lmzoo.nn.norms import LayerNorm, deepnorm_alpha, deepnorm_beta, deepnorm_init_
 from lmzoo.nn.position import RopeConfig, Rotary2D
-from lmzoo.nn.transformer import CausalLMOutput, DecoderLM, TransformerLayer, causal_lm_loss
+from lmzoo.nn.transformer import DecoderLM, TransformerLayer
 
 
 class GLMCache(KVCache):
@@ -89,56 +93,60 @@ def glm_position_ids(layout, past: int, q_len: int) -> torch.Tensor:
     return torch.stack((pos, block), dim=1)  # (B, 2, Tq)
 
 
-class GLMPrefixLM(DecoderLM):
-    """``DecoderLM`` with GLM's prefix mask and 2D positions, both read from the prompt's tokens."""
+class GLMPositions(PositionScheme, nn.Module):
+    """GLM's position part: 2D RoPE and the prefix mask, both read off each row's [gMASK] ... <sop>.
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None, device=None) -> GLMCache:
-        p, a = self.embed.weight, self.layers[0].attn
-        return GLMCache(len(self.layers), batch, a.n_kv_heads, a.head_dim, max_len, dtype=dtype or p.dtype,
-                        device=device or p.device)
+    At prefill it finds the prompt layout (``prompt_layout``) and keeps it in the cache (``GLMCache``)
+    for every decode step after it; from the layout come the 2D position ids (``glm_position_ids``)
+    and the prefix mask (``masks.build_mask("prefix")``: every key before <sop> is seen by all).
+    Packed documents (``doc_ids``) are refused: a row has one prompt layout, not one per document.
+    """
+
+    def __init__(self, rope: Rotary2D, cfg: ChatGLMConfig):
+        super().__init__()
+        self.rope, self.tokens = rope, cfg  # the config supplies the ids of <sop>, [gMASK] and [MASK]
+
+    def describe(self) -> str:
+        return self.rope.describe()
+
+    def new_cache(self, attn, n_layers: int, batch: int, max_len: int, dtype: torch.dtype, device) -> GLMCache:
+        return GLMCache(n_layers, batch, attn.n_kv_heads, attn.head_dim, max_len, dtype=dtype, device=device)
+
+    def _layout(self, step: Step):
+        if step.past == 0:
+            if step.input_ids is None:
+                raise LmzooError("chatglm: the prompt's input_ids are needed (also with inputs_embeds): the model "
+                                 "finds its prefix and positions from [gMASK] and <sop>")
+            layout = prompt_layout(step.input_ids, step.attention_mask, self.tokens)
+            if step.cache is not None:
+                step.cache.layout = layout
+            return layout
+        if getattr(step.cache, "layout", None) is None:
+            raise LmzooError("chatglm: decoding with a cache that holds no prompt layout; make it with "
+                             "model.new_cache and start with the prompt")
+        return step.cache.layout
+
+    def attn_inputs(self, step: Step) -> tuple[AttnInputs, torch.Tensor]:
+        """``step.position_ids`` (B, 2, T) overrides the 2D positions; the prefix always comes from the
+        tokens ([gMASK] ... <sop>) at prefill, and from the cache on later steps."""
+        if step.doc_ids is not None:
+            raise ValueError("chatglm: doc_ids (packed documents) are not supported by GLM's prefix layout: a row's "
+                             "bidirectional prefix and 2D positions come from its one [gMASK] ... <sop>; pass one "
+                             "prompt per row (position_ids (B, 2, T) and attention_mask, as objectives.glm does)")
+        layout = self._layout(step)
+        pos = step.position_ids if step.position_ids is not None else glm_position_ids(layout, step.past, step.q_len)
+        first, ctx, _ = layout
+        mask = build_mask("prefix", step.q_len, step.k_len, prefix_len=first + ctx, attention_mask=step.attention_mask,
+                          device=step.device)  # (B, 1, T, past+T)
+        return AttnInputs(mask=mask, rope=self.rope(pos, step.dtype), cache=step.cache), pos
+
+
+class GLMPrefixLM(DecoderLM):
+    """``DecoderLM`` with ``GLMPositions``; what it adds is only what prompt-making tools ask."""
 
     def prompt_tail(self) -> list[int]:
         """The ids every generation prompt must end with: [gMASK] <sop> (tools that make prompts ask)."""
         return [self.config.gmask_token_id, self.config.bos_token_id]
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: GLMCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> CausalLMOutput:
-        """``position_ids`` (B, 2, T) overrides the 2D positions; the prefix always comes from the
-        tokens ([gMASK] ... <sop>) at prefill, and from the cache on later steps."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, D)
-        T = x.shape[1]
-        past = cache.length if cache is not None else 0
-        if attention_mask is not None and attention_mask.shape[-1] != past + T:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, expected "
-                             f"{past} cached + {T} new = {past + T}")
-        if past == 0:
-            if input_ids is None:
-                raise LmzooError("chatglm: the prompt's input_ids are needed (also with inputs_embeds): the model "
-                                 "finds its prefix and positions from [gMASK] and <sop>")
-            layout = prompt_layout(input_ids, attention_mask, self.config)
-            if cache is not None:
-                cache.layout = layout
-        elif getattr(cache, "layout", None) is None:
-            raise LmzooError("chatglm: decoding with a cache that holds no prompt layout; make it with "
-                             "model.new_cache and start with the prompt")
-        else:
-            layout = cache.layout
-        if position_ids is None:
-            position_ids = glm_position_ids(layout, past, T)
-        first, ctx, _ = layout
-        mask = build_mask("prefix", T, past + T, prefix_len=first + ctx, attention_mask=attention_mask,
-                          device=x.device)  # (B, 1, T, past+T)
-        inp = AttnInputs(mask=mask, rope=self.rope(position_ids, x.dtype), cache=cache)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, inp, i)
-        if cache is not None:
-            cache.commit()
-        x = self.final_norm(x)
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss, hidden_states=x)
 
 
 def _mlp(cfg: ChatGLMConfig) -> nn.Module:
@@ -151,7 +159,7 @@ def build(cfg: ChatGLMConfig) -> GLMPrefixLM:
     rope = Rotary2D(cfg.head_dim, RopeConfig(theta=cfg.rope_theta, max_positions=cfg.max_positions))
     if cfg.inv_freq_fp16:
         rope.per_half.inv_freq = rope.per_half.inv_freq.half().float()
-    alpha, beta = deepnorm_alpha(cfg.n_layers), deepnorm_beta(cfg.n_layers)
+    alpha, beta = deepnorm_alpha(cfg.alpha_layers), deepnorm_beta(cfg.alpha_layers)
     layers = []
     for _ in range(cfg.n_layers):
         attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_heads, cfg.head_dim, qkv_bias=True, out_bias=True,
@@ -163,5 +171,5 @@ def build(cfg: ChatGLMConfig) -> GLMPrefixLM:
                                        mlp_norm=LayerNorm(cfg.d_model, eps=cfg.norm_eps), placement="deepnorm",
                                        alpha=alpha))
     return GLMPrefixLM(cfg, embed=nn.Embedding(cfg.vocab_size, cfg.d_model), layers=layers,
-                       final_norm=LayerNorm(cfg.d_model, eps=cfg.norm_eps), rope=rope,
-                       tie_embeddings=cfg.tie_embeddings, max_positions=None)
+                       final_norm=LayerNorm(cfg.d_model, eps=cfg.norm_eps), positions=GLMPositions(rope, cfg),
+                       tie_embeddings=cfg.tie_embeddings)

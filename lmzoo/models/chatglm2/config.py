@@ -25,7 +25,7 @@ _GLM_KNOWN = {"model_type", "architectures", "vocab_size", "hidden_size", "inter
               "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
               "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
               "partial_rotary_factor", "attention_bias", "bos_token_id", "eos_token_id", "pad_token_id",
-              "torch_dtype", "dtype"}
+              "torch_dtype", "dtype", "attention_dropout", "hidden_dropout"}
 
 # transformers' GlmConfig defaults (GLM-4-9B-chat's numbers); a config.json that omits a field means these.
 _GLM_DEFAULTS = dict(head_dim=128, num_key_value_heads=2, rms_norm_eps=1.5625e-07, attention_bias=True,
@@ -35,7 +35,7 @@ _GLM_DEFAULTS = dict(head_dim=128, num_key_value_heads=2, rms_norm_eps=1.5625e-0
 # function computed in float32: apply_query_key_layer_scaling divides the scores by the layer number
 # and multiplies them back; original_rope is passed to RotaryEmbedding and never read.
 _CHATGLM_NUMERICS_ONLY = ("apply_query_key_layer_scaling", "attention_softmax_in_fp32", "fp32_residual_connection",
-                          "original_rope", "hidden_dropout", "attention_dropout", "bias_dropout_fusion")
+                          "original_rope", "bias_dropout_fusion")
 
 
 def is_original_layout(hf: dict | None) -> bool:
@@ -57,6 +57,11 @@ class ChatGLM2Config(DecoderConfig):
     rope: RopeConfig = field(default_factory=lambda: RopeConfig(rotary_fraction=0.5, interleaved=True))
     act: str = "silu"
     attention_bias: bool = True  # bias on q, k and v only; the output projection and the MLP have none
+    # Training-only dropouts, where THUDM's modeling_chatglm.py applies them: attention_dropout on the
+    # attention probabilities (CoreAttention; transformers' Glm has this one only), hidden_dropout on
+    # each attention / MLP output before it joins the residual (GLMBlock). None on the embeddings.
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -85,6 +90,8 @@ class ChatGLM2Config(DecoderConfig):
                    rope=read_rope(hf, rotary_fraction=_GLM_DEFAULTS["partial_rotary_factor"], interleaved=True,
                                   max_positions=max_pos, source=source),
                    act=hf.get("hidden_act", "silu"), attention_bias=bool(get("attention_bias")),
+                   attention_dropout=float(hf.get("attention_dropout", 0.0)),
+                   hidden_dropout=float(hf.get("hidden_dropout", 0.0)),  # lmzoo's key: GlmConfig has none
                    hf_extra={k: v for k, v in hf.items() if k not in _GLM_KNOWN}, **cls.common_from_hf(hf))
 
     @classmethod
@@ -100,6 +107,8 @@ class ChatGLM2Config(DecoderConfig):
                    head_dim=hf.get("kv_channels") or d // n_heads, d_ff=require(hf, "ffn_hidden_size", source),
                    max_positions=max_pos, norm_eps=float(hf.get("layernorm_epsilon", 1e-5)), tie_embeddings=False,
                    rope=_chatglm_rope(hf, max_pos), act="silu", attention_bias=bool(hf.get("add_qkv_bias", False)),
+                   attention_dropout=float(hf.get("attention_dropout", 0.0)),
+                   hidden_dropout=float(hf.get("hidden_dropout", 0.0)),
                    **cls.common_from_hf(hf))
 
     def to_hf(self) -> dict:
@@ -115,6 +124,7 @@ class ChatGLM2Config(DecoderConfig):
                 "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "hidden_act": self.act,
                 "max_position_embeddings": self.max_positions, "rms_norm_eps": self.norm_eps,
                 "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
+                "attention_dropout": self.attention_dropout, "hidden_dropout": self.hidden_dropout,
                 **write_rope(self.rope, with_fraction=True), **tokens, "dtype": self.dtype}
 
 

@@ -27,12 +27,14 @@ def build(cfg: ChatGLM2Config) -> DecoderLM:
     layers = [
         TransformerLayer(
             attn=Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
-                           out_bias=False, rope=rope, kernel=cfg.attn_kernel),
+                           out_bias=False, rope=rope, kernel=cfg.attn_kernel,
+                           dropout=cfg.attention_dropout),
             mlp=GatedMLP(cfg.d_model, cfg.d_ff, act=cfg.act, bias=False),
             attn_norm=RMSNorm(cfg.d_model, cfg.norm_eps),
             mlp_norm=RMSNorm(cfg.d_model, cfg.norm_eps),
+            dropout=cfg.hidden_dropout,
         )
         for _ in range(cfg.n_layers)
     ]
     return DecoderLM(cfg, embed=nn.Embedding(cfg.vocab_size, cfg.d_model), layers=layers,
-                     final_norm=RMSNorm(cfg.d_model, cfg.norm_eps), rope=rope, tie_embeddings=cfg.tie_embeddings)
+                     final_norm=RMSNorm(cfg.d_model, cfg.norm_eps), positions=rope, tie_embeddings=cfg.tie_embeddings)

@@ -19,9 +19,9 @@ from lmzoo.nn.mlp import ACTIVATIONS
 
 _TEXT_KNOWN = {"model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps", "bos_token_id",
-               "eos_token_id", "pad_token_id"}
+               "eos_token_id", "pad_token_id", "attention_dropout"}
 _VISION_KNOWN = {"model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps"}
+                 "num_channels", "image_size", "patch_size", "hidden_act", "layer_norm_eps", "attention_dropout"}
 _KNOWN = {"model_type", "architectures", "text_config", "vision_config", "text_config_dict", "vision_config_dict",
           "projection_dim", "logit_scale_init_value", "torch_dtype", "dtype"}
 
@@ -44,6 +44,7 @@ class CLIPTextConfig:
     max_positions: int = 77
     norm_eps: float = 1e-5
     act: str = "quick_gelu"
+    attention_dropout: float = 0.0  # on the attention probabilities: transformers' CLIP has no other dropout
     # The EOS id decides where the text is read (model.py, ``eos_positions``); 2 is the value old configs
     # carry, for which transformers reads the highest id of each row instead.
     eos_token_id: int = 49407
@@ -66,6 +67,7 @@ class CLIPTextConfig:
                    norm_eps=hf.get("layer_norm_eps", 1e-5), act=hf.get("hidden_act", "quick_gelu"),
                    eos_token_id=hf.get("eos_token_id", d.eos_token_id), bos_token_id=hf.get("bos_token_id", d.bos_token_id),
                    pad_token_id=hf.get("pad_token_id", d.pad_token_id),
+                   attention_dropout=float(hf.get("attention_dropout", 0.0)),
                    hf_extra={k: v for k, v in hf.items() if k not in _TEXT_KNOWN})
 
     def to_hf(self) -> dict:
@@ -73,6 +75,7 @@ class CLIPTextConfig:
                 "hidden_size": self.d_model, "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
                 "intermediate_size": self.d_ff, "max_position_embeddings": self.max_positions,
                 "hidden_act": self.act, "layer_norm_eps": self.norm_eps, "eos_token_id": self.eos_token_id,
+                "attention_dropout": self.attention_dropout,
                 **{k: getattr(self, k) for k in ("bos_token_id", "pad_token_id") if getattr(self, k) is not None}}
 
 
@@ -87,6 +90,7 @@ class CLIPVisionConfig:
     num_channels: int = 3
     norm_eps: float = 1e-5
     act: str = "quick_gelu"
+    attention_dropout: float = 0.0  # on the attention probabilities: transformers' CLIP has no other dropout
     hf_extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -101,14 +105,15 @@ class CLIPVisionConfig:
                    n_heads=hf.get("num_attention_heads", d.n_heads), d_ff=hf.get("intermediate_size", d.d_ff),
                    image_size=hf.get("image_size", 224), patch_size=hf.get("patch_size", 32),
                    num_channels=hf.get("num_channels", 3), norm_eps=hf.get("layer_norm_eps", 1e-5),
-                   act=hf.get("hidden_act", "quick_gelu"),
+                   act=hf.get("hidden_act", "quick_gelu"), attention_dropout=float(hf.get("attention_dropout", 0.0)),
                    hf_extra={k: v for k, v in hf.items() if k not in _VISION_KNOWN})
 
     def to_hf(self) -> dict:
         return {**self.hf_extra, "model_type": "clip_vision_model", "hidden_size": self.d_model,
                 "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
                 "intermediate_size": self.d_ff, "image_size": self.image_size, "patch_size": self.patch_size,
-                "num_channels": self.num_channels, "hidden_act": self.act, "layer_norm_eps": self.norm_eps}
+                "num_channels": self.num_channels, "hidden_act": self.act, "layer_norm_eps": self.norm_eps,
+                "attention_dropout": self.attention_dropout}
 
 
 @dataclass

@@ -129,11 +129,13 @@ class CLIP(nn.Module):
 def build(cfg: CLIPConfig) -> CLIP:
     t, v, k = cfg.text, cfg.vision, cfg.attn_kernel
     text = TextTower(nn.Embedding(t.vocab_size, t.d_model), LearnedPositions(t.max_positions, t.d_model),
-                     Encoder(encoder_layers(t.d_model, t.n_layers, t.n_heads, t.d_ff, t.act, t.norm_eps, k),
+                     Encoder(encoder_layers(t.d_model, t.n_layers, t.n_heads, t.d_ff, t.act, t.norm_eps, k,
+                                            attn_dropout=t.attention_dropout),
                              final_norm=LayerNorm(t.d_model, eps=t.norm_eps), causal=True),
                      eos_token_id=t.eos_token_id)
     vision = VisionTower(PatchEmbedding(v.d_model, v.image_size, v.patch_size, v.num_channels, bias=False),
                          pre_norm=LayerNorm(v.d_model, eps=v.norm_eps),
-                         encoder=Encoder(encoder_layers(v.d_model, v.n_layers, v.n_heads, v.d_ff, v.act, v.norm_eps, k)),
+                         encoder=Encoder(encoder_layers(v.d_model, v.n_layers, v.n_heads, v.d_ff, v.act, v.norm_eps, k,
+                                                        attn_dropout=v.attention_dropout)),
                          post_norm=LayerNorm(v.d_model, eps=v.norm_eps))
     return CLIP(cfg, text=text, vision=vision)

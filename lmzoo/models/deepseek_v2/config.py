@@ -23,7 +23,7 @@ _KNOWN = {"model_type", "architectures", "vocab_size", "hidden_size", "intermedi
           "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "qk_head_dim", "hidden_act",
           "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling",
           "rope_parameters", "attention_bias", "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id",
-          "torch_dtype", "dtype", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+          "torch_dtype", "dtype", "attention_dropout", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
           "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "first_k_dense_replace", "topk_method",
           "n_group", "topk_group", "routed_scaling_factor", "norm_topk_prob", "aux_loss_alpha", "seq_aux",
           "moe_layer_freq", "scoring_func",
@@ -37,6 +37,7 @@ class DeepseekV2Config(DecoderConfig):
     rope: RopeConfig = field(default_factory=lambda: RopeConfig(interleaved=True))
     act: str = "silu"
     attention_bias: bool = False  # on q_a_proj, kv_a_proj and o_proj only (as transformers)
+    attention_dropout: float = 0.0  # on the attention probabilities, transformers' only dropout here
     mlp_bias: bool = False  # dense and shared-expert MLPs only
     # MLA
     q_lora_rank: int | None = 1536  # None: one full-rank q_proj (the Lite model)
@@ -116,6 +117,7 @@ class DeepseekV2Config(DecoderConfig):
             topk_group=hf.get("topk_group"), routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
             norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
             aux_loss_alpha=float(hf.get("aux_loss_alpha", 0.001)), seq_aux=bool(hf.get("seq_aux", True)),
+            attention_dropout=float(hf.get("attention_dropout", 0.0)),
             hf_extra={k: v for k, v in hf.items() if k not in _KNOWN}, **cls.common_from_hf(hf))
 
     def to_hf(self) -> dict:
@@ -135,6 +137,7 @@ class DeepseekV2Config(DecoderConfig):
                 "topk_method": self.topk_method, "n_group": self.n_group, "topk_group": self.topk_group,
                 "routed_scaling_factor": self.routed_scaling_factor, "norm_topk_prob": self.norm_topk_prob,
                 "aux_loss_alpha": self.aux_loss_alpha, "seq_aux": self.seq_aux,
+                "attention_dropout": self.attention_dropout,
                 **write_rope(self.rope), **self.special_tokens_hf(), "dtype": self.dtype}
 
 

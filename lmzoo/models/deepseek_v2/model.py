@@ -46,7 +46,7 @@ def build(cfg: DeepseekV2Config) -> DecoderLM:
                      qk_nope_head_dim=cfg.qk_nope_head_dim, qk_rope_head_dim=cfg.qk_rope_head_dim,
                      v_head_dim=cfg.v_head_dim, rope=rope, bias=cfg.attention_bias,
                      norm_eps=1e-6,  # the latent norms ignore rms_norm_eps (original code and transformers)
-                     kernel=cfg.attn_kernel, scale=scale),
+                     kernel=cfg.attn_kernel, scale=scale, dropout=cfg.attention_dropout),
             mlp=_mlp(cfg, i),
             attn_norm=RMSNorm(cfg.d_model, cfg.norm_eps),
             mlp_norm=RMSNorm(cfg.d_model, cfg.norm_eps),
@@ -54,5 +54,5 @@ def build(cfg: DeepseekV2Config) -> DecoderLM:
         for i in range(cfg.n_layers)
     ]
     return DecoderLM(cfg, embed=nn.Embedding(cfg.vocab_size, cfg.d_model), layers=layers,
-                     final_norm=RMSNorm(cfg.d_model, cfg.norm_eps), rope=rope, tie_embeddings=cfg.tie_embeddings,
+                     final_norm=RMSNorm(cfg.d_model, cfg.norm_eps), positions=rope, tie_embeddings=cfg.tie_embeddings,
                      aux_loss_alpha=cfg.aux_loss_alpha)

@@ -15,7 +15,7 @@ _KNOWN = {"model_type", "architectures", "vocab_size", "n_embd", "hidden_size", 
           "n_head", "num_attention_heads", "n_positions", "max_position_embeddings", "n_inner",
           "activation_function", "layer_norm_epsilon", "scale_attn_weights", "scale_attn_by_inverse_layer_idx",
           "reorder_and_upcast_attn", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id",
-          "torch_dtype", "dtype"}
+          "torch_dtype", "dtype", "embd_pdrop", "attn_pdrop", "resid_pdrop"}
 
 GPT2_EOS = 50256  # <|endoftext|>: GPT-2's bos and eos are the same token
 
@@ -45,6 +45,13 @@ class GPT2Config(DecoderConfig):
     scale_attn_weights: bool = True  # False: scores are q·k without the 1/sqrt(head_dim)
     scale_attn_by_inverse_layer_idx: bool = False  # scores additionally divided by layer_idx + 1
     reorder_and_upcast_attn: bool = False  # numerics of mixed-precision training only; kept for the round trip
+    # Dropouts (training forwards only), where transformers' GPT-2 applies them: embd_pdrop on token +
+    # position embeddings, attn_pdrop on the attention probabilities, resid_pdrop on the output of
+    # each attention and MLP before it joins the residual. lmzoo's own configs default to none; a
+    # config.json without them reads as GPT2Config's 0.1.
+    embed_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    resid_dropout: float = 0.0
 
     def __post_init__(self):
         super().__post_init__()
@@ -79,6 +86,8 @@ class GPT2Config(DecoderConfig):
                    scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
                    scale_attn_by_inverse_layer_idx=bool(hf.get("scale_attn_by_inverse_layer_idx", False)),
                    reorder_and_upcast_attn=bool(hf.get("reorder_and_upcast_attn", False)),
+                   embed_dropout=float(hf.get("embd_pdrop", 0.1)), attn_dropout=float(hf.get("attn_pdrop", 0.1)),
+                   resid_dropout=float(hf.get("resid_pdrop", 0.1)),
                    hf_extra={k: v for k, v in hf.items() if k not in _KNOWN},
                    **{**cls.common_from_hf(hf), **tokens})
 
@@ -91,7 +100,8 @@ class GPT2Config(DecoderConfig):
                 "scale_attn_weights": self.scale_attn_weights,
                 "scale_attn_by_inverse_layer_idx": self.scale_attn_by_inverse_layer_idx,
                 "reorder_and_upcast_attn": self.reorder_and_upcast_attn,
-                "tie_word_embeddings": self.tie_embeddings,
+                "tie_word_embeddings": self.tie_embeddings, "embd_pdrop": self.embed_dropout,
+                "attn_pdrop": self.attn_dropout, "resid_pdrop": self.resid_dropout,
                 # written even when None: an absent field would read back as GPT2Config's 50256
                 "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id,
                 "pad_token_id": self.pad_token_id, "dtype": self.dtype}
@@ -99,7 +109,8 @@ class GPT2Config(DecoderConfig):
 
 def _gpt2(d: int, layers: int, heads: int) -> GPT2Config:
     return GPT2Config(vocab_size=50257, d_model=d, n_layers=layers, n_heads=heads, d_ff=4 * d, max_positions=1024,
-                      norm_eps=1e-5, tie_embeddings=True, dtype="float32")
+                      norm_eps=1e-5, tie_embeddings=True, dtype="float32",
+                      embed_dropout=0.1, attn_dropout=0.1, resid_dropout=0.1)  # the published config.json's
 
 
 PRESETS = {

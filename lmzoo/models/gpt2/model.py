@@ -35,13 +35,14 @@ def build(cfg: GPT2Config) -> DecoderLM:
     layers = [
         TransformerLayer(
             attn=Attention(d, cfg.n_heads, qkv_bias=True, out_bias=True, kernel=cfg.attn_kernel,
-                           scale=attn_scale(cfg, i)),
+                           scale=attn_scale(cfg, i), dropout=cfg.attn_dropout),
             mlp=MLP(d, cfg.d_ff, act=cfg.act, bias=True),
             attn_norm=LayerNorm(d, eps=cfg.norm_eps),
             mlp_norm=LayerNorm(d, eps=cfg.norm_eps),
+            dropout=cfg.resid_dropout,
         )
         for i in range(cfg.n_layers)
     ]
     return DecoderLM(cfg, embed=nn.Embedding(cfg.vocab_size, d), layers=layers,
                      final_norm=LayerNorm(d, eps=cfg.norm_eps), positions=LearnedPositions(cfg.max_positions, d),
-                     tie_embeddings=cfg.tie_embeddings, max_positions=cfg.max_positions)
+                     tie_embeddings=cfg.tie_embeddings, embed_dropout=cfg.embed_dropout)

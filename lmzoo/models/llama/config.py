@@ -12,7 +12,8 @@ from lmzoo.nn.position import RopeConfig
 _KNOWN = {"model_type", "architectures", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
           "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
           "rms_norm_eps", "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters", "attention_bias",
-          "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "pretraining_tp"}
+          "mlp_bias", "bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype", "dtype", "pretraining_tp",
+          "attention_dropout"}
 
 
 @dataclass
@@ -22,6 +23,7 @@ class LlamaConfig(DecoderConfig):
     act: str = "silu"
     attention_bias: bool = False
     mlp_bias: bool = False
+    attention_dropout: float = 0.0  # on the attention probabilities, the only dropout transformers' LLaMA has
 
     def __post_init__(self):
         super().__post_init__()
@@ -39,6 +41,7 @@ class LlamaConfig(DecoderConfig):
                    tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
                    rope=read_rope(hf, source=source), act=hf.get("hidden_act", "silu"),
                    attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False)),
+                   attention_dropout=float(hf.get("attention_dropout", 0.0)),
                    hf_extra={k: v for k, v in hf.items() if k not in _KNOWN}, **cls.common_from_hf(hf))
 
     def to_hf(self) -> dict:
@@ -50,7 +53,7 @@ class LlamaConfig(DecoderConfig):
                 "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim, "hidden_act": self.act,
                 "max_position_embeddings": self.max_positions, "rms_norm_eps": self.norm_eps,
                 "tie_word_embeddings": self.tie_embeddings, "attention_bias": self.attention_bias,
-                "mlp_bias": self.mlp_bias, **write_rope(self.rope), **self.special_tokens_hf(), "dtype": self.dtype}
+                "mlp_bias": self.mlp_bias, "attention_dropout": self.attention_dropout, **write_rope(self.rope), **self.special_tokens_hf(), "dtype": self.dtype}
 
 
 def _llama2(d, layers, heads, kv, ff):

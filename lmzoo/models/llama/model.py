@@ -22,7 +22,8 @@ def build(cfg: LlamaConfig) -> DecoderLM:
     layers = [
         TransformerLayer(
             attn=Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, qkv_bias=cfg.attention_bias,
-                           out_bias=cfg.attention_bias, rope=rope, kernel=cfg.attn_kernel),
+                           out_bias=cfg.attention_bias, rope=rope, kernel=cfg.attn_kernel,
+                           dropout=cfg.attention_dropout),
             mlp=GatedMLP(cfg.d_model, cfg.d_ff, act=cfg.act, bias=cfg.mlp_bias),
             attn_norm=RMSNorm(cfg.d_model, cfg.norm_eps),
             mlp_norm=RMSNorm(cfg.d_model, cfg.norm_eps),
@@ -30,4 +31,4 @@ def build(cfg: LlamaConfig) -> DecoderLM:
         for _ in range(cfg.n_layers)
     ]
     return DecoderLM(cfg, embed=nn.Embedding(cfg.vocab_size, cfg.d_model), layers=layers,
-                     final_norm=RMSNorm(cfg.d_model, cfg.norm_eps), rope=rope, tie_embeddings=cfg.tie_embeddings)
+                     final_norm=RMSNorm(cfg.d_model, cfg.norm_eps), positions=rope, tie_embeddings=cfg.tie_embeddings)

@@ -21,7 +21,7 @@ from lmzoo.nn.mlp import ACTIVATIONS
 _KNOWN = {"model_type", "architectures", "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers",
           "num_heads", "relative_attention_num_buckets", "relative_attention_max_distance", "layer_norm_epsilon",
           "feed_forward_proj", "dense_act_fn", "is_gated_act", "tie_word_embeddings", "scale_decoder_outputs",
-          "is_encoder_decoder", "decoder_start_token_id", "n_positions", "bos_token_id", "eos_token_id",
+          "is_encoder_decoder", "decoder_start_token_id", "n_positions", "bos_token_id", "eos_token_id", "dropout_rate",
           "pad_token_id", "torch_dtype", "dtype"}
 
 
@@ -56,6 +56,11 @@ class T5Config(DecoderConfig):
     num_buckets: int = 32
     max_distance: int = 128
     decoder_start_token_id: int = 0  # T5 starts decoding from the pad token
+    # dropout_rate, where transformers' T5 applies it (training only): on the embedded input of each
+    # stack, on every sublayer's output before the residual, inside the MLP after the activation, on
+    # the attention probabilities (self and cross) and after each stack's final norm. A config.json
+    # without it reads as T5Config's 0.1; lmzoo's own configs default to none.
+    dropout: float = 0.0
     pad_token_id: int | None = 0
     eos_token_id: int | list[int] | None = 1
 
@@ -98,6 +103,7 @@ class T5Config(DecoderConfig):
                    num_buckets=hf.get("relative_attention_num_buckets", 32),
                    max_distance=hf.get("relative_attention_max_distance", 128),
                    decoder_start_token_id=hf.get("decoder_start_token_id", hf.get("pad_token_id", 0)),
+                   dropout=float(hf.get("dropout_rate", 0.1)),
                    hf_extra={k: v for k, v in hf.items() if k not in _KNOWN},
                    **{"pad_token_id": 0, "eos_token_id": 1, **cls.common_from_hf(hf)})
 
@@ -110,13 +116,14 @@ class T5Config(DecoderConfig):
                 "feed_forward_proj": self.ffn, "tie_word_embeddings": self.tie_embeddings,
                 "scale_decoder_outputs": self.scale_head, "is_encoder_decoder": True,
                 "decoder_start_token_id": self.decoder_start_token_id, "n_positions": self.max_positions,
+                "dropout_rate": self.dropout,
                 **self.special_tokens_hf(), "dtype": self.dtype}
 
 
 def _t5(d: int, d_ff: int, layers: int, heads: int, v1_1: bool = False) -> T5Config:
     return T5Config(vocab_size=32128, d_model=d, n_layers=layers, n_heads=heads, head_dim=64, d_ff=d_ff,
                     ffn="gated-gelu" if v1_1 else "relu", tie_embeddings=not v1_1, scale_head=not v1_1,
-                    dtype="float32")
+                    dtype="float32", dropout=0.1)  # the published dropout_rate
 
 
 PRESETS = {

@@ -27,11 +27,12 @@ def build(cfg: T5Config) -> EncoderDecoderLM:
     d = cfg.d_model
 
     def attn(cls=Attention):
-        return cls(d, cfg.n_heads, head_dim=cfg.head_dim, kernel=cfg.attn_kernel, scale=1.0)  # T5: no 1/sqrt(d)
+        return cls(d, cfg.n_heads, head_dim=cfg.head_dim, kernel=cfg.attn_kernel, scale=1.0,  # T5: no 1/sqrt(d)
+                   dropout=cfg.dropout)
 
     def mlp():
         kind = GatedMLP if cfg.gated else MLP
-        return kind(d, cfg.d_ff, act=cfg.act, bias=False)
+        return kind(d, cfg.d_ff, act=cfg.act, bias=False, dropout=cfg.dropout)
 
     def norm():
         return RMSNorm(d, eps=cfg.norm_eps)
@@ -39,12 +40,15 @@ def build(cfg: T5Config) -> EncoderDecoderLM:
     def bias(bidirectional: bool):
         return RelativePositionBias(cfg.n_heads, cfg.num_buckets, cfg.max_distance, bidirectional=bidirectional)
 
-    encoder = Encoder([TransformerLayer(attn(), mlp(), norm(), norm(), placement="pre") for _ in range(cfg.n_layers)],
-                      final_norm=norm(), position_bias=bias(True))
-    decoder = [CrossDecoderLayer(attn(), attn(CrossAttention), mlp(), norm(), norm(), norm(), placement="pre")
-               for _ in range(cfg.n_decoder_layers)]
+    p = cfg.dropout
+    encoder = Encoder([TransformerLayer(attn(), mlp(), norm(), norm(), placement="pre", dropout=p)
+                       for _ in range(cfg.n_layers)],
+                      final_norm=norm(), position_bias=bias(True), input_dropout=p, output_dropout=p)
+    decoder = [CrossDecoderLayer(attn(), attn(CrossAttention), mlp(), norm(), norm(), norm(), placement="pre",
+                                 dropout=p) for _ in range(cfg.n_decoder_layers)]
     return EncoderDecoderLM(cfg, embed=nn.Embedding(cfg.vocab_size, d), encoder=encoder, decoder_layers=decoder,
                             decoder_final_norm=norm(), decoder_position_bias=bias(False),
                             tie_embeddings=cfg.tie_embeddings, head_scale=d ** -0.5 if cfg.scale_head else 1.0,
                             decoder_start_token_id=cfg.decoder_start_token_id,
-                            pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0)
+                            pad_token_id=cfg.pad_token_id if cfg.pad_token_id is not None else 0,
+                            decoder_dropout=p)

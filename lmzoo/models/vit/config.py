@@ -19,7 +19,8 @@ from lmzoo.nn.mlp import ACTIVATIONS
 
 _KNOWN = {"model_type", "architectures", "hidden_size", "num_hidden_layers", "num_attention_heads",
           "intermediate_size", "hidden_act", "layer_norm_eps", "image_size", "patch_size", "num_channels",
-          "qkv_bias", "pooler_output_size", "pooler_act", "id2label", "label2id", "num_labels", "torch_dtype", "dtype"}
+          "qkv_bias", "pooler_output_size", "pooler_act", "id2label", "label2id", "num_labels", "torch_dtype", "dtype",
+          "hidden_dropout_prob", "attention_probs_dropout_prob"}
 
 
 def check_positive(family: str, cfg, names: tuple[str, ...]) -> None:
@@ -60,6 +61,10 @@ class ViTConfig:
     num_labels: int = 0  # classifier outputs; 0: no classifier
     labels: list[str] | None = None  # id2label, in id order
     attn_kernel: str = "sdpa"
+    # transformers' ViT (training only): hidden_dropout_prob on the patch + position embeddings and on
+    # each attention / MLP output before the residual; attention_probs_dropout_prob on the probabilities.
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
     dtype: str = "float32"
     hf_extra: dict = field(default_factory=dict, repr=False)
 
@@ -114,6 +119,8 @@ class ViTConfig:
                    act=hf.get("hidden_act", "gelu"), qkv_bias=hf.get("qkv_bias", True), pooler=not classify,
                    pooler_dim=hf.get("pooler_output_size"), pooler_act=hf.get("pooler_act", "tanh"),
                    num_labels=n_labels, labels=labels,
+                   hidden_dropout=float(hf.get("hidden_dropout_prob", 0.0)),
+                   attention_dropout=float(hf.get("attention_probs_dropout_prob", 0.0)),
                    dtype=str(hf.get("dtype") or hf.get("torch_dtype") or "float32"),
                    hf_extra={k: v for k, v in hf.items() if k not in _KNOWN})
 
@@ -125,7 +132,8 @@ class ViTConfig:
                 "image_size": self.image_size, "patch_size": self.patch_size, "num_channels": self.num_channels,
                 "qkv_bias": self.qkv_bias, "pooler_output_size": self.pooler_dim, "pooler_act": self.pooler_act,
                 "id2label": {str(i): name for i, name in enumerate(labels)},
-                "label2id": {name: i for i, name in enumerate(labels)}, "dtype": self.dtype}
+                "label2id": {name: i for i, name in enumerate(labels)}, "hidden_dropout_prob": self.hidden_dropout,
+                "attention_probs_dropout_prob": self.attention_dropout, "dtype": self.dtype}
 
 
 PRESETS = {

@@ -82,17 +82,20 @@ class ViT(nn.Module):
 
 
 def encoder_layers(d: int, n_layers: int, n_heads: int, d_ff: int, act: str, eps: float, kernel: str,
-                   qkv_bias: bool = True) -> list[TransformerLayer]:
-    """Pre-LN layers with biases everywhere and a plain MLP: ViT's, and both of CLIP's towers'."""
-    return [TransformerLayer(attn=Attention(d, n_heads, qkv_bias=qkv_bias, out_bias=True, kernel=kernel),
+                   qkv_bias: bool = True, attn_dropout: float = 0.0, dropout: float = 0.0) -> list[TransformerLayer]:
+    """Pre-LN layers with biases everywhere and a plain MLP: ViT's, and both of CLIP's towers'.
+    ``attn_dropout`` on the attention probabilities, ``dropout`` on each sublayer's output (ViT's)."""
+    return [TransformerLayer(attn=Attention(d, n_heads, qkv_bias=qkv_bias, out_bias=True, kernel=kernel,
+                                            dropout=attn_dropout),
                              mlp=MLP(d, d_ff, act=act, bias=True),
-                             attn_norm=LayerNorm(d, eps=eps), mlp_norm=LayerNorm(d, eps=eps), placement="pre")
+                             attn_norm=LayerNorm(d, eps=eps), mlp_norm=LayerNorm(d, eps=eps), placement="pre",
+                             dropout=dropout)
             for _ in range(n_layers)]
 
 
 def build(cfg: ViTConfig) -> ViT:
     d = cfg.d_model
     layers = encoder_layers(d, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.act, cfg.norm_eps, cfg.attn_kernel,
-                            cfg.qkv_bias)
+                            cfg.qkv_bias, attn_dropout=cfg.attention_dropout, dropout=cfg.hidden_dropout)
     return ViT(cfg, patches=PatchEmbedding(d, cfg.image_size, cfg.patch_size, cfg.num_channels, bias=True),
-               encoder=Encoder(layers, final_norm=LayerNorm(d, eps=cfg.norm_eps)))
+               encoder=Encoder(layers, final_norm=LayerNorm(d, eps=cfg.norm_eps), input_dropout=cfg.hidden_dropout))

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 import lmzoo  # noqa: E402
 from lmzoo.models.bloom.config import PRESETS, BloomConfig  # noqa: E402
+from lmzoo.nn.position import ALiBi  # noqa: E402
 from tests.parity import check_logits, max_diff, run_all  # noqa: E402
 
 VOCAB = 97
@@ -40,7 +41,7 @@ def test_bloom_parity(name, tmp_path):
             if "layernorm" in n or "ln_f" in n or n.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
     ours = run_all(hf, tmp_path, transformers.AutoModelForCausalLM, VOCAB)
-    assert ours.alibi is not None and ours.positions is None and ours.max_positions is None
+    assert isinstance(ours.positions, ALiBi) and ours.max_positions is None
 
 
 def test_long_input_has_no_context_limit(tmp_path):

@@ -57,27 +57,40 @@ def original_state(hp: dict, geglu: bool = False, seed: int = 0) -> dict:
     return sd
 
 
-# -- the reference: ChatGLM-6B's forward written from its equations ------------------------------
+# -- the reference: ChatGLM-6B's forward as THUDM's modeling_chatglm.py computes it ----------------
+# Read from the release code itself (ChatGLMModel, GLMBlock, SelfAttention, attention_fn, get_masks,
+# get_position_ids), in its float32 CPU recipe (``model.float()``, which turns the float16 inv_freq
+# buffer into float32 after rounding it). Two things a reading from memory gets wrong:
+# - ``ChatGLMModel.get_layer`` builds each GLMBlock without passing num_layers, so every block keeps
+#   the default ``num_layers=28`` and the DeepNorm α is (2·28)^0.5 = √56 at ANY depth;
+# - attention_fn divides q by sqrt(hd)·(layer_id + 1), fills masked scores with -10000 and then
+#   multiplies the float scores by (layer_id + 1) before the softmax (Megatron's query-key layer
+#   scaling): masked scores end at -10000·(layer_id + 1).
+# The release initialises nothing (``_init_weights`` returns, the Linears are ``skip_init``), so there
+# is no DeepNorm β to follow there; lmzoo's init is tested on its own below.
+RELEASE_BLOCK_NUM_LAYERS = 28  # GLMBlock.__init__(..., num_layers=28, ...), never overridden
 
 
 def reference_logits(sd: dict, hp: dict, ids: torch.Tensor, geglu: bool = False) -> torch.Tensor:
     B, T = ids.shape
     D, H, L = hp["hidden_size"], hp["num_attention_heads"], hp["num_layers"]
-    hd, eps, alpha = D // H, hp["layernorm_epsilon"], (2 * L) ** 0.5
-    # Layout: context = tokens before <sop>; [gMASK] (else [MASK]) gives the generated tokens' position.
+    hd, eps = D // H, hp["layernorm_epsilon"]
+    alpha = (2 * RELEASE_BLOCK_NUM_LAYERS) ** 0.5  # GLMBlock.forward: alpha = (2 * self.num_layers) ** 0.5
+    # get_position_ids / get_masks: context = tokens before <sop>; [gMASK] (else [MASK]) gives the
+    # position of <sop> and every token after it; block positions count 1, 2, .. from <sop>.
     pos, block = torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-    allowed = torch.zeros(B, T, T, dtype=torch.bool)
+    masked = torch.zeros(B, T, T, dtype=torch.bool)  # True = masked, as the release's attention_mask
     for b, row in enumerate(ids.tolist()):
         ctx = row.index(SOP)
         mpos = row.index(GMASK) if GMASK in row else row.index(MASK)
         for t in range(T):
             pos[b, t], block[b, t] = (t, 0) if t < ctx else (mpos, t - ctx + 1)
             for j in range(T):
-                allowed[b, t, j] = j < ctx or j <= t
-    n = hd // 2  # each half of the head is rotated by its own position id with RoPE of width hd/2
+                masked[b, t, j] = not (j < ctx or j <= t)  # tril_() then [:, :, :context_length] = 1
+    n = hd // 2  # RotaryEmbedding(hidden_size // (num_attention_heads * 2)): each half of the head
     inv = (1.0 / 10000 ** (torch.arange(0, n, 2).float() / n)).half().float()
 
-    def rope(x, p):  # x (B, T, H, n), p (B, T); pairs (i, i + n/2)
+    def rope(x, p):  # apply_rotary_pos_emb_index: x (B, T, H, n), p (B, T); rotate_half pairs (i, i + n/2)
         f = p[..., None].float() * inv  # (B, T, n/2)
         cos, sin = torch.cat((f, f), -1).cos()[:, :, None], torch.cat((f, f), -1).sin()[:, :, None]
         return x * cos + torch.cat((-x[..., n // 2:], x[..., :n // 2]), -1) * sin
@@ -95,18 +108,19 @@ def reference_logits(sd: dict, hp: dict, ids: torch.Tensor, geglu: bool = False)
         q, k, v = lin(y, p + "attention.query_key_value").view(B, T, H, 3 * hd).split(hd, dim=-1)
         q = torch.cat((rope(q[..., :n], pos), rope(q[..., n:], block)), -1)
         k = torch.cat((rope(k[..., :n], pos), rope(k[..., n:], block)), -1)
-        s = torch.einsum("bthd,bshd->bhts", q, k) / hd ** 0.5
-        s = s.masked_fill(~allowed[:, None], -10000.0)
+        coeff = float(i + 1)  # query_key_layer_scaling_coeff = layer_id + 1
+        s = torch.einsum("bthd,bshd->bhts", q / (hd ** 0.5 * coeff), k)
+        s = s.masked_fill(masked[:, None], -10000.0) * coeff
         a = torch.einsum("bhts,bshd->bthd", s.softmax(-1), v).reshape(B, T, D)
-        h = alpha * y + lin(a, p + "attention.dense")  # DeepNorm: the residual is the normed input times alpha
+        h = alpha * y + lin(a, p + "attention.dense")  # attention_input * alpha + attention_output
         y = ln(h, p + "post_attention_layernorm")
         u = lin(y, p + "mlp.dense_h_to_4h")
-        if geglu:
+        if geglu:  # lmzoo's GLM-130B variant (the release's GEGLU module): x1 * gelu(x2)
             x1, x2 = u.chunk(2, dim=-1)
             u = x1 * F.gelu(x2)
-        else:
+        else:  # gelu_impl
             u = 0.5 * u * (1.0 + torch.tanh(0.7978845608028654 * u * (1.0 + 0.044715 * u * u)))
-        h = alpha * y + lin(u, p + "mlp.dense_4h_to_h")
+        h = alpha * y + lin(u, p + "mlp.dense_4h_to_h")  # mlp_input * alpha + mlp_output
     return ln(h, "transformer.final_layernorm") @ sd["lm_head.weight"].T
 
 
@@ -229,8 +243,8 @@ def test_rope_frequencies_are_the_originals_float16_values():
     # (the release's) -> RoPE of width 64 per half, frequencies stored as float16 by the original.
     model = lmzoo.build(ChatGLMConfig(vocab_size=40, d_model=128, n_layers=1, n_heads=1, d_ff=8, bos_token_id=SOP))
     exact = 1.0 / 10000 ** (torch.arange(0, 64, 2).float() / 64)
-    assert torch.equal(model.rope.inv_freq, exact.half().float())
-    assert not torch.equal(model.rope.inv_freq, exact)
+    assert torch.equal(model.positions.rope.inv_freq, exact.half().float())
+    assert not torch.equal(model.positions.rope.inv_freq, exact)
 
 
 def test_cached_decode_equals_the_full_forward(glm):
@@ -286,16 +300,56 @@ def test_config_claims_and_refusals():
             ChatGLMConfig.from_hf(original_config(**bad))
 
 
-def test_deepnorm_init_scale():
-    cfg = ChatGLMConfig(vocab_size=40, d_model=64, n_layers=8, n_heads=4, d_ff=256, bos_token_id=SOP)
+@pytest.mark.parametrize("deepnorm_layers, N", [(None, 8), (28, 28)])
+def test_deepnorm_init_scale(deepnorm_layers, N):
+    # DeepNorm's α and init gain β come from the same N (Wang et al. 2022, GLM-130B section 2.1): lmzoo's
+    # own configs use N = n_layers; a config with deepnorm_layers set (the release layout's 28) uses it for
+    # both. The release code has no init of its own to compare with (its Linears are skip_init).
+    cfg = ChatGLMConfig(vocab_size=40, d_model=64, n_layers=8, n_heads=4, d_ff=256, bos_token_id=SOP,
+                        deepnorm_layers=deepnorm_layers)
     model = lmzoo.build(cfg)
-    beta = (2 * 8) ** -0.5
+    beta = (2 * N) ** -0.5
     layer = model.layers[0]
-    assert layer.placement == "deepnorm" and layer.alpha == pytest.approx(4.0)  # (2·8)^0.5
+    assert layer.placement == "deepnorm" and layer.alpha == pytest.approx((2 * N) ** 0.5)
     xavier = lambda lin: (2 / sum(lin.weight.shape)) ** 0.5  # noqa: E731
     for lin, gain in [(layer.attn.v_proj, beta), (layer.attn.o_proj, beta), (layer.mlp.up_proj, beta),
                       (layer.attn.q_proj, 1.0)]:
         assert lin.weight.std().item() == pytest.approx(gain * xavier(lin), rel=0.1), lin
+
+
+def test_the_release_layout_keeps_alpha_of_28_layers(glm, tmp_path):
+    # A 2-layer checkpoint in the release layout: α = √56 (the release's GLMBlock default), not √4.
+    model, _, _ = glm
+    assert model.config.deepnorm_layers == 28 and model.layers[0].alpha == pytest.approx(56 ** 0.5)
+    hf = model.config.to_hf()
+    assert hf["deepnorm_layers"] == 28 and ChatGLMConfig.from_hf(hf).deepnorm_layers == 28
+    own = ChatGLMConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=48, bos_token_id=SOP)
+    assert own.alpha_layers == 2 and lmzoo.build(own).layers[0].alpha == pytest.approx(2.0)
+    assert own.to_hf()["deepnorm_layers"] == 2 and ChatGLMConfig.from_hf(own.to_hf()).alpha_layers == 2
+    with pytest.raises(ConfigError, match="deepnorm_layers"):
+        ChatGLMConfig(vocab_size=40, d_model=32, n_layers=2, n_heads=4, d_ff=48, bos_token_id=SOP, deepnorm_layers=0)
+
+
+def test_packed_documents_are_refused_like_the_stack_refuses(glm):
+    model, _, _ = glm
+    ids = torch.tensor([prompt(5, 6) + [7, 8]])
+    with pytest.raises(ValueError, match=r"chatglm: doc_ids .*not supported"):
+        model(ids, doc_ids=torch.zeros_like(ids))
+    with pytest.raises(ValueError, match="takes no cache"):  # the stack's own check comes first
+        model(ids, doc_ids=torch.zeros_like(ids), cache=model.new_cache(1, 8))
+
+
+def test_the_forward_is_the_stacks(glm):
+    # ChatGLM-6B keeps no forward of its own: what DecoderLM.forward does (context check, labels, aux
+    # loss, logits_to_keep) it does too.
+    from lmzoo.nn.transformer import DecoderLM
+
+    model, _, _ = glm
+    assert type(model).forward is DecoderLM.forward
+    ids = torch.tensor([prompt(5, 6, 7) + [8, 9]])
+    with torch.no_grad():
+        out, last = model(ids, labels=ids), model(ids, logits_to_keep=1)
+    assert out.loss is not None and torch.allclose(last.logits[:, -1], out.logits[:, -1], atol=1e-6)
 
 
 def test_preset_size_matches_the_release():

@@ -40,7 +40,7 @@ def _glm(**over):
 def test_glm_parity(name, tmp_path):
     ours = run_all(_glm(**CONFIGS[name]), tmp_path, transformers.AutoModelForCausalLM, V)
     head_dim = CONFIGS[name].get("head_dim", BASE["head_dim"])
-    assert ours.rope.rotary_dim == head_dim // 2 and ours.rope.cfg.interleaved
+    assert ours.positions.rotary_dim == head_dim // 2 and ours.positions.cfg.interleaved
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
     assert saved["model_type"] == "glm" and saved["architectures"] == ["GlmForCausalLM"]
 
@@ -205,4 +205,4 @@ def test_preset_sizes(preset, expected):
     c = model.config
     assert model.num_parameters() == expected
     assert expected == _count(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff)
-    assert model.rope.rotary_dim == 64 and model.layers[0].attn.kind == "GQA-16"
+    assert model.positions.rotary_dim == 64 and model.layers[0].attn.kind == "GQA-16"

@@ -7,8 +7,11 @@ transformers = pytest.importorskip("transformers")
 
 from tests.parity import run_all  # noqa: E402
 
+# initializer_range 0.1 instead of transformers' 0.02: with σ = 0.02 the attention is nearly flat and
+# removing RoPE moves the logits by only ~5e-3, so a wrong frequency band would pass; at 0.1 it moves
+# them by ~1.2 (test_positions_matter_at_this_init).
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=64, rms_norm_eps=1e-5)
+            max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.1)
 
 CONFIGS = {
     "mha-untied": dict(num_key_value_heads=4),
@@ -40,6 +43,22 @@ def test_llama_parity(name, tmp_path):
         check_logits(ours, hf, BASE["vocab_size"], T=20)
         return
     run_all(hf, tmp_path, transformers.AutoModelForCausalLM, BASE["vocab_size"])
+
+
+def test_positions_matter_at_this_init(tmp_path):
+    import lmzoo
+
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**BASE, num_key_value_heads=2)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours = lmzoo.load(tmp_path / "hf")
+    ids = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = ours(ids).logits
+        no_rope = ours(ids, position_ids=torch.zeros(1, 12, dtype=torch.long)).logits  # angle 0: no rotation
+        ours.positions.inv_freq = ours.positions.inv_freq ** (torch.log(torch.tensor(500.0)) / torch.log(torch.tensor(1e4)))
+        wrong_band = ours(ids).logits  # theta 500 instead of 10000
+    assert (base - no_rope).abs().max() > 0.3 and (base - wrong_band).abs().max() > 0.3
 
 
 def test_legacy_rope_fields_read_the_same(tmp_path):
