@@ -11,6 +11,16 @@ the same names as ``nn.Linear`` (so checkpoint key maps find the bias unchanged)
 
 ``IntLinear`` here holds uniform integer codes in the GPTQ or AWQ layout (RTN, GPTQ and AWQ all
 produce it); ``lmzoo/quant/bnb.py`` has LLM.int8() and NF4 in bitsandbytes' layout.
+
+8-bit per-channel symmetric weights run on the CPU through ``torch._weight_int8pack_mm`` (bf16
+activations). That kernel reads the reduction dimension in blocks of 16: with ``in_features`` not a
+multiple of 16 it reads past the rows, returning garbage or dying with SIGSEGV (torch 2.13, AVX-512;
+344 fails, 320/336/352 work; float32 and float16 activations are unaffected). Such layers are
+*padded*: the int8 weight gets zero columns up to the next multiple of 16 (once, when the kernel's
+weights are built) and each input as many zero columns, which adds exact zeros to every dot product,
+so the result is the unpadded product (to bf16 rounding) and the fast path is kept. The kernel is
+never called on a K it does not support. It is given unit scales and the float16 scales are applied
+in float32 after it: rounding them to bf16 (8 mantissa bits) would change every row's weights.
 """
 
 from __future__ import annotations
@@ -80,6 +90,7 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+INT8PACK_K_MULTIPLE = 16  # torch._weight_int8pack_mm's bf16 CPU path needs in_features % 16 == 0 (see above)
 KERNELS = ("auto", "dequant")  # auto: torch's int8 kernels where they apply; dequant: always dequantize-then-matmul
 
 
@@ -149,7 +160,7 @@ class IntLinear(QuantLinear):
         else:
             self.input_scale = None
         self.kernel = kernel
-        self._int8 = None  # the int8 kernel's weights: (int8 (out, in), bf16 scales (out,)), False if not usable
+        self._int8 = None  # the int8 kernel's weights: (int8 (out, in padded), unit bf16, float32 scales), or False
 
     # -- unpacking -----------------------------------------------------------------------------
     def _g_idx(self) -> torch.Tensor:
@@ -215,13 +226,19 @@ class IntLinear(QuantLinear):
             if not bool((iw.zeros == 128).all()):
                 self._int8 = False  # asymmetric 8-bit: (q - z) does not fit int8
                 return None
-            w8 = (iw.codes.to(torch.int16) - 128).to(torch.int8).contiguous()  # (out, in)
-            self._int8 = (w8, iw.scales[0].to(torch.bfloat16))
-        w8, s = self._int8
+            w8 = (iw.codes.to(torch.int16) - 128).to(torch.int8)  # (out, in)
+            w8 = F.pad(w8, (0, self._k_pad())).contiguous()  # (out, in + pad): zero columns, exact
+            ones = torch.ones(self.out_features, dtype=torch.bfloat16, device=w8.device)
+            self._int8 = (w8, ones, iw.scales[0].float())
+        w8, ones, s = self._int8
         shape = x.shape
-        out = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), w8, s).to(x.dtype)
+        xb = F.pad(x.reshape(-1, shape[-1]).to(torch.bfloat16), (0, self._k_pad())).contiguous()  # (T, in + pad)
+        out = (torch._weight_int8pack_mm(xb, w8, ones).float() * s).to(x.dtype)  # (T, out)
         out = out.reshape(*shape[:-1], self.out_features)
         return out + self.bias.to(x.dtype) if self.bias is not None else out
+
+    def _k_pad(self) -> int:
+        return (-self.in_features) % INT8PACK_K_MULTIPLE
 
     def _apply(self, fn, recurse=True):
         self._int8 = None  # device/dtype moves invalidate the cache

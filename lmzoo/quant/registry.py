@@ -4,10 +4,19 @@ runs a method over a model's decoder-layer linears.
 Each ``Method`` says which bit widths and group sizes it supports, its defaults, whether it needs
 calibration data, which extra options it takes, and how its config is written into
 ``config.json`` (as transformers / AutoGPTQ / AutoAWQ write it, see ``serialize.py``).
+
+Default group sizes. GPTQ's layout (RTN, GPTQ) allows a last, shorter group, so 128 fits any width.
+AWQ's GEMM layout needs groups that tile every row, and its checkpoints hold one ``q_group_size``
+for the whole model, so when the default 128 does not divide the ``in_features`` of every linear
+to quantize, ``group_size=DEFAULT`` takes the largest of 64 and 32 that does, else one scale per
+output channel (``-1``), and says so on stderr. The shipped tiny LLaMA (``d_ff`` 344 = 8 · 43)
+gets per-channel AWQ; GPT-2 and Bloom (512) keep 128. An explicit ``group_size`` that does not fit
+is an error, as in AutoAWQ.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,6 +42,7 @@ class Method:
     needs_calibration: bool
     options: dict = field(default_factory=dict)  # name -> default
     summary: str = ""
+    whole_groups: bool = False  # the layout needs group_size to divide in_features (AWQ's GEMM)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
@@ -42,7 +52,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            {"sym": True, "desc_act": False, "damp_percent": 0.01, "block_size": 128, "true_sequential": True},
            "Hessian-aware column-by-column rounding with error feedback"),
     Method("awq", awq.run, (4,), 4, GROUPS, 128, True, {"n_grid": 20, "clip": True, "block_loss": True},
-           "activation-aware per-channel scales (folded) + clipping search, asymmetric"),
+           "activation-aware per-channel scales (folded) + clipping search, asymmetric", whole_groups=True),
     Method("int8", bnb.run_int8, (8,), 8, (None,), None, False, {"threshold": 6.0},
            "LLM.int8(): vector-wise int8 with float outlier features"),
     Method("nf4", bnb.run_nf4, (4,), 4, (32, 64, 128, 256), 64, False, {"double_quant": True},
@@ -77,11 +87,30 @@ def make_spec(method: str, bits=None, group_size=DEFAULT, **options) -> tuple[Me
     return m, spec
 
 
+def fitting_group(method: Method, in_features: dict[str, int]) -> tuple[int | None, str | None]:
+    """The default group size of ``method`` for linears of these widths (name -> in_features), and a
+    note when it is not the method's own default (see the module docstring)."""
+    default = method.default_group
+    if not method.whole_groups or default is None or all(k % default == 0 for k in in_features.values()):
+        return default, None
+    name, k = next((n, k) for n, k in in_features.items() if k % default)
+    smaller = sorted((g for g in method.groups if g is not None and g < default), reverse=True)
+    gs = next((g for g in smaller if all(k % g == 0 for k in in_features.values())), None)
+    if gs:
+        chosen = f"group_size {gs}, the largest that divides every linear's in_features"
+    else:
+        chosen = (f"one scale per output channel (group_size -1): no group size of {smaller} divides "
+                  "every linear's in_features")
+    return gs, (f"{method.name}: the default group_size {default} does not divide in_features {k} of {name}; "
+                f"using {chosen}")
+
+
 def quantize(model: nn.Module, method: str = "gptq", bits: int | None = None, group_size=DEFAULT,
              calibration=None, *, progress: bool = False, **options) -> nn.Module:
     """Quantize the linears inside ``model``'s decoder layers in place and return the model.
 
-    ``bits=None`` and ``group_size=DEFAULT`` take the method's defaults; ``group_size=None`` means one
+    ``bits=None`` and ``group_size=DEFAULT`` take the method's defaults (for AWQ, the largest of 128,
+    64, 32 that divides every linear's ``in_features``, else per channel); ``group_size=None`` means one
     scale per output channel. ``calibration`` (an iterable of input_ids tensors, (T,) or (B, T)) is
     used by GPTQ and AWQ and ignored by the others. ``options`` are the method's own (``sym``,
     ``desc_act``, ``damp_percent``, ``threshold``, ``double_quant``, ...; ``skip``: substrings of
@@ -96,6 +125,10 @@ def quantize(model: nn.Module, method: str = "gptq", bits: int | None = None, gr
     targets = quantizable(model, spec["skip"])
     if not targets:
         raise LmzooError("quantize: found no nn.Linear inside the decoder layers to quantize")
+    if group_size == DEFAULT:
+        spec["group_size"], note = fitting_group(m, {n: lin.in_features for n, lin in targets.items()})
+        if note:
+            print(note, file=sys.stderr)
     batches = as_batches(calibration, model.config.vocab_size, method) if m.needs_calibration else None
     bar = _progress_bar(len(targets), method) if progress else None
     was_training = model.training

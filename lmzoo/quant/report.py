@@ -3,8 +3,11 @@
 ``measure`` evaluates one model directory in a fresh process (``python -m lmzoo.quant.report``), so
 that the peak resident memory it reports (the kernel's high-water mark, reset after the imports)
 belongs to that model alone: loading it, the perplexity pass and the decode. "RSS added" is that
-peak minus the resident memory before loading (Python and torch themselves take ~300 MiB). ``table`` and ``figure``
-lay several such results side by side (the ``lmzoo quantize`` report and benchmarks/bench_quant.py).
+peak minus the resident memory before loading (Python and torch themselves take ~300 MiB). A child
+that fails is reported by ``run_child`` with its exit status or the signal that killed it and the end
+of its stderr (it runs with ``-X faulthandler``, so a crash in a kernel still names the Python line).
+``table`` and ``figure`` lay several such results side by side (the ``lmzoo quantize`` report and
+benchmarks/bench_quant.py); a row with a ``skipped`` reason is listed under the table.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lmzoo.errors import LmzooError
 from lmzoo.quant.calibrate import decoder_layers
 from lmzoo.quant.linear import QuantLinear, set_kernel
 
@@ -126,6 +131,37 @@ def measure_here(model_dir: str, ids_file: str, seq_len: int, max_windows: int |
             "rss_added_mib": (peak - base) / 1024 if peak and base else None}
 
 
+def exit_reason(returncode: int) -> str:
+    """"exited with status 1", or "killed by signal 11 (SIGSEGV)" for a negative return code."""
+    if returncode >= 0:
+        return f"exited with status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = "unknown signal"
+    return f"killed by signal {-returncode} ({name})"
+
+
+def stderr_summary(stderr: str, max_lines: int = 4, max_chars: int = 600) -> str:
+    """The informative end of a child's stderr on one line: a faulthandler report's first lines (the
+    innermost frames), else the last lines (a traceback's last frame and its exception)."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if not lines:
+        return "(empty)"
+    fatal = next((i for i, line in enumerate(lines) if line.startswith("Fatal Python error")), None)
+    keep = lines[fatal:fatal + max_lines] if fatal is not None else lines[-max_lines:]
+    text = " | ".join(keep)
+    return text if len(text) <= max_chars else "..." + text[-max_chars:]
+
+
+def run_child(args: list[str], what: str, env: dict | None = None) -> str:
+    """Run ``args``; its stdout, or an ``LmzooError`` saying how ``what`` failed and what it printed."""
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise LmzooError(f"{what} failed: {exit_reason(proc.returncode)}; stderr: {stderr_summary(proc.stderr)}")
+    return proc.stdout
+
+
 def measure(model_dir: str | Path, ids: torch.Tensor, *, seq_len: int = 128, max_windows: int | None = None,
             new_tokens: int = 32, threads: int | None = None, kernel: str = "auto",
             workdir: str | Path | None = None) -> dict:
@@ -135,14 +171,13 @@ def measure(model_dir: str | Path, ids: torch.Tensor, *, seq_len: int = 128, max
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         ids_file = str(Path(tmp) / "ids.json")
         Path(ids_file).write_text(json.dumps(ids.reshape(-1).tolist()))
-        args = [sys.executable, "-m", "lmzoo.quant.report", str(model_dir), ids_file, str(seq_len),
-                str(max_windows or 0), str(new_tokens), str(threads or 0), kernel]
-        proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    if proc.returncode != 0:
-        from lmzoo.errors import LmzooError
-
-        raise LmzooError(f"measuring {model_dir} failed:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        args = [sys.executable, "-X", "faulthandler", "-m", "lmzoo.quant.report", str(model_dir), ids_file,
+                str(seq_len), str(max_windows or 0), str(new_tokens), str(threads or 0), kernel]
+        out = run_child(args, f"measuring {model_dir}", env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = out.strip().splitlines()
+    if not lines:
+        raise LmzooError(f"measuring {model_dir} failed: the child printed no result")
+    return json.loads(lines[-1])
 
 
 COLUMNS = [("perplexity", "held-out perplexity", "{:.3f}"), ("ppl_change", "Δ perplexity", "{:+.2%}"),
@@ -156,6 +191,8 @@ def add_ratios(rows: list[dict]) -> list[dict]:
     """Fill in change of perplexity and speed against the first row (the float model)."""
     ref = rows[0]
     for r in rows:
+        if r.get("skipped"):
+            continue
         r["ppl_change"] = r["perplexity"] / ref["perplexity"] - 1
         r["speed_ratio"] = r["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
         r["linear_mib"] = r["linear_bytes"] / 2**20
@@ -163,24 +200,28 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
+    """A Markdown table of the measured rows; rows with a ``skipped`` reason are listed below it."""
+    skipped = [r for r in rows if r.get("skipped")]
+    rows = [r for r in rows if not r.get("skipped")]
     cols = [c for c in COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     head = ["variant"] + [title for _, title, _ in cols]
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * len(cols)]
     for r in rows:
         cells = [r["name"]] + [fmt.format(r[k]) if r.get(k) is not None else "–" for k, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", "Skipped:"] + [f"- {r['name']}: {r['skipped']}" for r in skipped]
     return "\n".join(lines)
 
 
 def figure(rows: list[dict], path: str | Path, title: str = "") -> Path | None:
-    """Four bar charts (perplexity, weight MiB, peak RSS, decode tok/s); None without matplotlib."""
-    try:
-        import matplotlib
+    """Four bar charts (perplexity, weight MiB, peak RSS, decode tok/s) of the measured rows."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if not r.get("skipped")]
     names = [r["name"] for r in rows]
     panels = [("perplexity", "held-out perplexity (lower is better)"), ("linear_mib", "decoder linear weights, MiB"),
               ("rss_added_mib", "RSS the model added (load + eval), MiB"), ("decode_tokens_per_s", "decode tokens/s, batch 1")]

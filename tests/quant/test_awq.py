@@ -1,6 +1,7 @@
 """AWQ on one layer: with a few salient input channels, scaling them before rounding (then clipping)
 beats round-to-nearest on the output error at the same grid; folding keeps the float model unchanged."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -60,3 +61,66 @@ def test_awq_on_gpt2_scales_the_input_of_down_proj_after_the_gelu():
     assert layer.mlp.down_proj.input_scale is not None  # GeLU between up and down: nothing to fold into
     assert layer.attn.o_proj.input_scale is None and layer.mlp.up_proj.input_scale is None  # v -> o, ln_2 -> up
     assert (model(ids).logits - ref).norm() / ref.norm() < 0.1
+
+
+class _Tokens:
+    """What ``model_config`` asks of a tokenizer: a size and ids for the special tokens it names."""
+
+    vocab_size, name = 512, "test"
+
+    def token_to_id(self, token):
+        return 500 + sum(map(ord, token)) % 12
+
+
+def _tiny(family):
+    from lmzoo.stages.pretrain import load_config, model_config
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    return model_config(load_config(root / "configs" / family / "tiny.yaml")["model"], _Tokens())[1]
+
+
+# d_ff 344 = 8 · 43 is divided by none of 128, 64, 32: per-channel; 128 and 512 keep 128
+TINY_AWQ_GROUP = {"llama": None, "chatglm2": None, "deepseek_v2": None, "gpt2": 128, "bloom": 128, "chatglm": 128}
+
+
+def test_every_shipped_tiny_decoder_config_is_covered():
+    from lmzoo.errors import LmzooError
+    from lmzoo.quant.calibrate import quantizable
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    decoders = set()
+    for path in root.glob("configs/*/tiny.yaml"):
+        try:
+            quantizable(lmzoo.build(_tiny(path.parent.name)))
+            decoders.add(path.parent.name)
+        except LmzooError:  # bert, t5: no decoder layers to quantize
+            pass
+    assert decoders == set(TINY_AWQ_GROUP)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_AWQ_GROUP))
+def test_awq_default_group_divides_every_layer_of_the_shipped_tiny_configs(family):
+    from lmzoo.quant.calibrate import quantizable
+    from lmzoo.quant.registry import METHODS, fitting_group
+
+    widths = {n: lin.in_features for n, lin in quantizable(lmzoo.build(_tiny(family))).items()}
+    gs, note = fitting_group(METHODS["awq"], widths)
+    assert gs == TINY_AWQ_GROUP[family]
+    assert (note is None) == (gs == 128)
+    assert all(k % (gs or k) == 0 for k in widths.values())
+
+
+def test_awq_with_defaults_quantizes_the_tiny_llama_config(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = lmzoo.build(_tiny("llama")).eval()
+    ids = torch.randint(0, 512, (1, 24))
+    ref = model(ids).logits
+    quantize(model, "awq", calibration=[torch.randint(0, 512, (1, 32))], n_grid=4)  # a coarse search: fast
+    assert "does not divide in_features 344 of layers.0.mlp.down_proj" in capsys.readouterr().err
+    assert model.quantization_config["group_size"] == -1
+    down = model.layers[0].mlp.down_proj
+    assert isinstance(down, IntLinear) and down.layout == "awq" and down.group_size == 344
+    out = model(ids).logits
+    assert (out - ref).norm() / ref.norm() < 0.1
+    back = lmzoo.load(lmzoo.save(model, tmp_path / "awq"))  # group_size -1 is read back as per channel
+    torch.testing.assert_close(back(ids).logits, out)

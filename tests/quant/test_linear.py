@@ -91,3 +91,36 @@ def test_dtype_moves_keep_the_stored_format():
     assert m.scales.dtype == torch.float16 and m.qweight.dtype == torch.int32 and m.bias.dtype == torch.bfloat16
     x = torch.randn(3, 64)
     torch.testing.assert_close(m(x.bfloat16()).float(), lin(x), rtol=0.1, atol=0.05)
+
+
+# torch._weight_int8pack_mm (bf16, CPU) reads K in blocks of 16: at K = 344 it returned garbage for one
+# row and died with SIGSEGV for several. Run in a child so a regression fails this test, not pytest.
+PADDED_KERNEL = """
+import json, sys, torch
+from torch import nn
+from lmzoo.quant.gptq import int_linear
+from lmzoo.quant.uniform import rtn
+in_f, rows = int(sys.argv[1]), int(sys.argv[2])
+torch.manual_seed(0)
+lin = nn.Linear(in_f, 48)
+m = int_linear(rtn(lin.weight, 8, None, sym=True), lin, "gptq")
+x = torch.randn(rows, in_f)
+fast = m(x)
+ref = x.bfloat16().double() @ m.dequantize().double().t() + lin.bias.double()  # the kernel's bf16 input, exact sum
+print(json.dumps({"max_abs": float((fast.double() - ref).abs().max()), "ref_max": float(ref.abs().max()),
+                  "padded_k": m._int8[0].shape[1]}))
+"""
+
+
+@pytest.mark.parametrize("in_f,rows", [(344, 1), (344, 5), (100, 33), (352, 5)])
+def test_int8_kernel_pads_in_features_to_a_multiple_of_16(in_f, rows):
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PADDED_KERNEL, str(in_f), str(rows)], capture_output=True, text=True)
+    assert proc.returncode == 0, f"return code {proc.returncode}: {proc.stderr[-1000:]}"
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r["padded_k"] == -(-in_f // 16) * 16  # the kernel's weight has zero columns up to a multiple of 16
+    # equal to dequantize-then-matmul up to the kernel's bf16 output (2^-8 relative; measured < 0.5 ulp)
+    assert r["max_abs"] <= 2**-8 * r["ref_max"], r

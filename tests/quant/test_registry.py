@@ -57,5 +57,9 @@ def test_small_layers_take_one_group_when_group_size_exceeds_them():
     m = lmzoo.quantize(model(), "gptq", calibration=[torch.randint(0, 64, (1, 16))])  # 128 > in_features 64
     q = m.layers[0].attn.q_proj
     assert q.group_size == 128 and q.scales.shape == (1, 64)
-    with pytest.raises(LmzooError, match="does not divide in_features 64"):
-        lmzoo.quantize(model(), "awq", calibration=[torch.randint(0, 64, (1, 16))])  # AWQ needs whole groups
+    with pytest.raises(LmzooError, match="does not divide in_features 64"):  # AWQ needs whole groups
+        lmzoo.quantize(model(), "awq", group_size=128, calibration=[torch.randint(0, 64, (1, 16))])
+    # ... so its default takes the largest of 128, 64, 32 that divides every width (64 and 128 here)
+    m = lmzoo.quantize(model(), "awq", calibration=[torch.randint(0, 64, (1, 16))], n_grid=2)
+    assert m.quantization_config["group_size"] == 64
+    assert {x.group_size for x in m.modules() if isinstance(x, QuantLinear)} == {64}
