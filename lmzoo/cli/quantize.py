@@ -26,13 +26,13 @@ with its reason, and the others go on.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 import lmzoo
+from lmzoo.cli.common import add_memory_argument, check_memory, estimate_bytes
 from lmzoo.data.readers import read_utf8
 from lmzoo.errors import LmzooError
 from lmzoo.interop.checkpoint import read_hf_config
@@ -50,6 +50,7 @@ BUILTIN_SCALE = 0.1  # ~240,000 characters, far more than the windows need; toke
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    add_memory_argument(p)
     p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))} (default gptq)")
     p.add_argument("--bits", type=int, help="bit width (default: the method's)")
     p.add_argument("--group-size", help='weights per scale, or "none" for one per output channel (default: the method\'s)')
@@ -177,6 +178,8 @@ def _used_group(model, spec: dict) -> int | None:
 def _quantize(args, method: str, bits, group, options: dict, calib):
     """(quantized model, its variant spec); a bad request fails before the model loads."""
     spec = make_spec(method, bits, group, **dict(options))[1]
+    needed, how = estimate_bytes(args.model, "float32")  # quantization reads the float32 weights
+    check_memory(needed, f"--model {args.model} ({how})", getattr(args, "skip_memory_check", False))
     model = lmzoo.load(args.model, dtype="float32")
     print(f"quantizing {args.model} with {method}", file=sys.stderr)
     quantize(model, method, bits, group, calib, progress=True, **options)
@@ -184,10 +187,7 @@ def _quantize(args, method: str, bits, group, options: dict, calib):
 
 
 def _save(args, model, out: Path) -> None:
-    lmzoo.save(model, out)
-    tok = Path(args.model) / "tokenizer.json"
-    if tok.exists():
-        shutil.copy(tok, out / "tokenizer.json")
+    lmzoo.save(model, out)  # carries the source directory's tokenizer and generation files
     print(f"wrote {out}", file=sys.stderr)
 
 

@@ -162,3 +162,16 @@ def test_bad_arguments_give_clear_errors(tiny, capsys, extra, match):
     err = capsys.readouterr().err
     assert "lmzoo quantize: error:" in err and __import__("re").search(match, err), err
     assert not (tiny / "bad").exists()
+
+
+def test_a_model_larger_than_memory_is_refused_before_loading(tiny, monkeypatch, capsys):
+    import lmzoo.cli.common as common
+
+    monkeypatch.setattr(common, "available_memory", lambda: 1000)  # bytes: far below the model's float32 size
+    monkeypatch.setattr(lmzoo, "load", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    assert main(["quantize", "--model", str(tiny / "model"), "--method", "rtn", "--no-report",
+                 "--out", str(tiny / "never")]) == 1
+    err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+    assert len(err) == 1 and err[0].startswith("lmzoo quantize: error: --model") and "needs about" in err[0]
+    assert "--skip-memory-check" in err[0]
+    assert not (tiny / "never").exists()
