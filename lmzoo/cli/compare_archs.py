@@ -3,16 +3,16 @@
   lmzoo compare-archs --families llama bloom gpt2 chatglm2 deepseek_v2 --params 10M --tokens 2M
   lmzoo compare-archs --tiny --families llama gpt2 --out /tmp/lab     # seconds: the tests' setting
 
-Each family starts from its configs/<family>/tiny.yaml model (else its first preset) and keeps
-its depth, head counts and shape ratios; only the width changes: d_model is searched in steps of
-8·n_heads, and every width-like field (d_ff, d_expert, kv_lora_rank, q_lora_rank, the MLA head
-dims) scales with it, until the parameter count (counted on the meta device, embeddings included,
-all experts counted) is the closest to --params. All families share one tokenizer, one token file and
-one seeded batch order, and train --tokens tokens with the same optimizer and schedule, each in its
-own process so that its peak memory is its own. Measured: validation loss (nats/token, the same
-tokens for all), training tokens/s, peak memory (RSS growth on the CPU, allocated bytes on a GPU) and
-KV-cache bytes per token (bf16, from the model's attention modules). Writes compare.md, compare.json,
-compare.png and one run folder per family under --out.
+Each family starts from its configs/<family>/tiny.yaml model (shipped in the package: lmzoo.configs)
+and keeps its depth, head counts and shape ratios; only the width changes: d_model is searched in steps
+of 8·n_heads, and every width-like field of the family's record (Family.width_fields: d_ff; DeepSeek-V2's
+d_expert, kv_lora_rank, q_lora_rank and MLA head dims) scales with it, until the parameter count
+(counted on the meta device, embeddings included, all experts counted) is the closest to --params. All
+families share one tokenizer, one token file and one seeded batch order, and train --tokens tokens with
+the same optimizer and schedule, each in its own process so that its peak memory is its own. Measured:
+validation loss (nats/token, the same tokens for all), training tokens/s, peak memory (RSS growth on the
+CPU, allocated bytes on a GPU) and KV-cache bytes per token (bf16, from the model's attention modules).
+Writes compare.md, compare.json, compare.png and one run folder per family under --out.
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ from pathlib import Path
 from lmzoo.errors import LmzooError
 
 HELP = "train same-size models of several families on the same data; compare loss, speed, memory, KV cache"
-WIDTH_FIELDS = ("d_ff", "d_expert", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                "v_head_dim")
 SETTINGS = {
     "default": dict(params="10M", tokens="250K", vocab_size=2048, seq_len=128, batch_size=16, lr=2e-3, scale=1.0),
     "tiny": dict(params="60K", tokens="12K", vocab_size=400, seq_len=32, batch_size=8, lr=3e-3, scale=0.03,
@@ -66,26 +64,23 @@ def add_arguments(p) -> None:
 
 
 def base_config(family: str, tokenizer, layers: int | None):
-    """The family's tiny.yaml model (else its first preset), on the shared tokenizer's vocabulary."""
-    import lmzoo
+    """The model of the family's shipped tiny config (``lmzoo.configs.path(family)``), on the shared
+    tokenizer's vocabulary; a family without one is an error naming the file looked for."""
+    import yaml
+
+    from lmzoo import configs
     from lmzoo.models.registry import get_family
+    from lmzoo.stages.pretrain import model_config
 
     fam = get_family(family)
     if fam.shape != "causal decoder":
         raise LmzooError(f"compare-archs compares causal decoders on one next-token loss; '{family}' is a "
                          f"{fam.shape}")
-    path = Path(lmzoo.__file__).resolve().parents[1] / "configs" / family / "tiny.yaml"
-    if path.is_file():
-        import yaml
-
-        from lmzoo.stages.pretrain import model_config
-
-        section = {k: v for k, v in (yaml.safe_load(path.read_text())["model"]).items()
-                   if not k.endswith("_token_id") and k != "init_std"}
-        section["vocab_size"] = tokenizer.vocab_size
-        _, cfg = model_config(section, tokenizer)
-    else:
-        cfg = next(iter(fam.presets.values())).replace(vocab_size=tokenizer.vocab_size, dtype="float32")
+    path = configs.path(family, "tiny")
+    section = {k: v for k, v in (yaml.safe_load(path.read_text())["model"]).items()
+               if not k.endswith("_token_id") and k != "init_std"}
+    section["vocab_size"] = tokenizer.vocab_size
+    _, cfg = model_config(section, tokenizer)
     changes = dict(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=None)
     if layers:
         changes["n_layers"] = layers
@@ -93,10 +88,13 @@ def base_config(family: str, tokenizer, layers: int | None):
 
 
 def at_width(cfg, d_model: int, seq_len: int):
-    """``cfg`` with d_model = ``d_model`` and every width-like field scaled by the same ratio."""
+    """``cfg`` with d_model = ``d_model`` and every width-like field of its family (``Family.width_fields``)
+    scaled by the same ratio."""
+    from lmzoo.models.registry import family_of
+
     r = d_model / cfg.d_model
     changes = {"d_model": d_model, "head_dim": None, "max_positions": max(cfg.max_positions, seq_len)}
-    for f in WIDTH_FIELDS:
+    for f in family_of(cfg).width_fields:
         v = getattr(cfg, f, None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             changes[f] = max(8, int(round(v * r / 8)) * 8)
@@ -177,6 +175,33 @@ def train_one(job: dict) -> dict:
 # -- the command ---------------------------------------------------------------------------------
 
 
+def check_arguments(args, s: dict) -> tuple[int, int, Path]:
+    """Every argument, before any work: (target parameters, token budget, output folder). Each family
+    goes through ``base_config`` on a stand-in for the tokenizer (only its size is read), so an unknown
+    family, one that is not a causal decoder or one without a tiny config is refused before any training."""
+    from types import SimpleNamespace
+
+    target, budget = parse_count(args.params or s["params"]), parse_count(args.tokens or s["tokens"])
+    for flag, value in (("--params", target), ("--tokens", budget), ("--layers", args.layers),
+                        ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise LmzooError(f"{flag} must be at least 1, got {value}")
+    repeated = sorted({f for f in args.families if args.families.count(f) > 1})
+    if repeated:
+        raise LmzooError(f"--families: {repeated} given more than once (each family gets one run folder)")
+    stand_in = SimpleNamespace(vocab_size=s["vocab_size"], bos_id=None, eos_id=None, name="(the shared tokenizer)",
+                               token_to_id=lambda token: None)
+    for family in args.families:
+        base_config(family, stand_in, args.layers)
+    for f in args.data or ():
+        if not Path(f).exists():
+            raise LmzooError(f"--data: {f}: no such file or folder")
+    out = Path(args.out or f"runs/compare-archs-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LmzooError(f"{out} is not empty: choose another --out")
+    return target, budget, out
+
+
 def run(args) -> int:
     import torch
 
@@ -184,10 +209,7 @@ def run(args) -> int:
     from lmzoo.data import builtin_corpus, tokenize_files, tokenize_texts
 
     s = SETTINGS["tiny" if args.tiny else "default"]
-    target, budget = parse_count(args.params or s["params"]), parse_count(args.tokens or s["tokens"])
-    out = Path(args.out or f"runs/compare-archs-{time.strftime('%Y%m%d-%H%M%S')}")
-    if out.exists() and any(out.iterdir()):
-        raise LmzooError(f"{out} is not empty: choose another --out")
+    target, budget, out = check_arguments(args, s)
     out.mkdir(parents=True, exist_ok=True)
     texts = builtin_corpus(scale=s["scale"], seed=args.seed) if not args.data else None
     tok_texts = texts if texts is not None else _sample(args.data, args.field)
@@ -199,11 +221,13 @@ def run(args) -> int:
     steps = max(1, math.ceil(budget / per_step))
     print(f"{len(args.families)} families, ~{target:,} parameters each, {steps} steps x {per_step} tokens = "
           f"{steps * per_step:,} tokens each; data: {tf.n_tokens:,} tokens ({tf.path})", flush=True)
-    rows = []
+    sized = {}  # every family's width, before the first one trains
     for family in args.families:
-        cfg, n = solve_width(base_config(family, tok, args.layers), target, s["seq_len"])
+        cfg, n = sized[family] = solve_width(base_config(family, tok, args.layers), target, s["seq_len"])
         print(f"- {family}: d_model {cfg.d_model}, {cfg.n_layers} layers, {cfg.n_heads} heads -> {n:,} parameters",
               flush=True)
+    rows = []
+    for family, (cfg, n) in sized.items():
         job = dict(family=family, config=cfg, token_file=str(tf.path), seq_len=s["seq_len"], batch_size=s["batch_size"],
                    steps=steps, lr=s["lr"], seed=args.seed, threads=args.threads or s.get("threads") or torch.get_num_threads(),
                    out=str(out / family), progress=not args.no_progress)
@@ -211,8 +235,20 @@ def run(args) -> int:
             row = pool.submit(train_one, job).result()
         rows.append({**row, "params": n, "d_model": cfg.d_model, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
                      "n_kv_heads": cfg.n_kv_heads})
-    write_outputs(out, rows, target, steps * per_step)
+    write_outputs(out, rows, target, steps * per_step, baselines(tf, tok.vocab_size, s["seq_len"]))
     return 0
+
+
+def baselines(tf, vocab_size: int, seq_len: int) -> dict:
+    """What the validation loss means: the uniform model (ln V, an untrained model's loss) and the
+    unigram model of the training tokens (token frequencies alone), on the same validation tokens."""
+    from lmzoo.data import split_tokens
+    from lmzoo.data.baselines import unigram_cross_entropy
+
+    train_span, val_span = split_tokens(tf, 0.05, seq_len)  # the split train_one uses
+    return {"vocab_size": vocab_size, "uniform_loss": math.log(vocab_size),
+            "unigram_loss": unigram_cross_entropy(tf.tokens[slice(*train_span)], tf.tokens[slice(*val_span)],
+                                                  vocab_size)}
 
 
 def _sample(files, field, max_chars: int = 2_000_000) -> list[str]:
@@ -237,14 +273,17 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, *lines])
 
 
-def write_outputs(out: Path, rows: list[dict], target: int, tokens: int) -> None:
+def write_outputs(out: Path, rows: list[dict], target: int, tokens: int, base: dict | None = None) -> None:
     text = table(rows)
     print("\n" + text + "\n", flush=True)
     kind = rows[0]["memory_kind"] if rows else ""
-    (out / "compare.json").write_text(json.dumps({"target_params": target, "tokens": tokens, "rows": rows}, indent=1))
+    (out / "compare.json").write_text(json.dumps({"target_params": target, "tokens": tokens, **(base or {}),
+                                                  "rows": rows}, indent=1))
     md = [f"# compare-archs: ~{target:,} parameters, {tokens:,} training tokens each", "", text, "",
           f"Peak memory: {kind} during training. Validation loss: nats per token on the same held-out tokens "
-          "(one shared tokenizer).", ""]
+          "(one shared tokenizer)" + (f"; baselines on them: uniform ln {base['vocab_size']} = "
+                                      f"{base['uniform_loss']:.3f}, unigram {base['unigram_loss']:.3f}." if base else
+                                      "."), ""]
     if _plot(out, rows):
         md += ["![comparison](compare.png)", ""]
     (out / "compare.md").write_text("\n".join(md))

@@ -141,6 +141,11 @@ def _run(args, s: dict) -> int:
     out = Path(args.out or f"runs/speedrun-{time.strftime('%Y%m%d-%H%M%S')}")
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise LmzooError(f"{out} is not empty: choose another --out, or add --resume to continue that run")
+    if args.resume:
+        from lmzoo.train.checkpoint import list_checkpoints
+
+        if not list_checkpoints(out / "checkpoints"):
+            raise LmzooError(f"--resume: {out / 'checkpoints'} holds no checkpoint to resume; start without --resume")
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
     t0 = time.perf_counter()

@@ -8,6 +8,9 @@ is docs/training.md):
               init_std: 0.02 (N(0, std²) matrices, zero biases; null keeps the builder's init).
               ``vocab_size: tokenizer`` takes the tokenizer's size; a ``*_token_id`` given as a string
               ("<|endoftext|>", "[gMASK]") is that token's id in the tokenizer.
+              | init_from: <a directory lmzoo.save wrote, e.g. a run's final/>: continue pretraining
+              those weights; the architecture is the checkpoint's (fields given beside it must agree
+              with it) and so is the tokenizer, unless ``tokenizer.path`` names one of the same size.
   tokenizer:  train: <kind> (bpe | wordpiece | unigram | sp-bpe), vocab_size, special_tokens, max_chars
               | path: <a tokenizer file or folder>
   objective:  name (default: the family's recipe), step: {options}, transform: {options}
@@ -34,6 +37,7 @@ import yaml
 
 import lmzoo
 from lmzoo.errors import ConfigError
+from lmzoo.models.config_base import check_integer, check_integer_fields
 from lmzoo.models.registry import get_family, get_preset
 from lmzoo.train import TrainConfig, Trainer, TrainResult
 from lmzoo.train.checkpoint import list_checkpoints, load_model_tensors, tied_free
@@ -44,6 +48,7 @@ SECTIONS = ("model", "tokenizer", "objective", "data", "train")
 DATA_KEYS = {"files", "field", "builtin_scale", "seq_len", "batch_size", "val_fraction", "cache_dir"}
 TOKENIZER_KEYS = {"train", "path", "vocab_size", "special_tokens", "max_chars"}
 OBJECTIVE_KEYS = {"name", "step", "transform"}
+INTEGER_KEYS = {"data": ("seq_len", "batch_size"), "tokenizer": ("vocab_size", "max_chars")}  # each >= 1
 
 
 @dataclass
@@ -79,9 +84,44 @@ def check_config(cfg: dict, source: str = "config") -> None:
         extra = sorted(set(cfg.get(name) or {}) - keys)
         if extra:
             raise ConfigError(f"{source}: unknown key(s) {extra} in '{name}'; known: {sorted(keys)}")
-    if not (cfg.get("model") or {}).get("family") and not (cfg.get("model") or {}).get("preset"):
-        raise ConfigError(f"{source}: 'model' needs a 'family' (one of the registry's) or a 'preset'")
+    for name, keys in INTEGER_KEYS.items():
+        for k in keys:
+            if k in (cfg.get(name) or {}):
+                _positive_integer(f"{source}: {name}.{k}", cfg[name][k])
+    model = cfg.get("model") or {}
+    if not isinstance(model, dict) or not (model.get("family") or model.get("preset") or model.get("init_from")):
+        raise ConfigError(f"{source}: 'model' needs a 'family' (one of the registry's), a 'preset' or 'init_from'")
+    _check_model_integers(model, source)
     TrainConfig.from_dict(cfg.get("train"), f"{source}: train")  # fails early on a bad training option
+
+
+def _positive_integer(where: str, value) -> None:
+    check_integer(where, value)
+    if value < 1:
+        raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
+
+
+def _check_model_integers(section: dict, source: str) -> None:
+    """The integer fields of the model section, by the family config's own annotations (nested ones too)."""
+    if section.get("preset"):
+        cls = type(get_preset(section["preset"])[1])
+    elif section.get("family"):
+        cls = get_family(section["family"]).config_cls
+    else:
+        return  # init_from: checked against the checkpoint's config later
+    _check_integers_of(cls, section, f"{source}: model")
+
+
+def _check_integers_of(cls, section: dict, where: str) -> None:
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {k: v for k, v in section.items() if k in known and not (k == "vocab_size" and v == "tokenizer")
+              and not (k.endswith("_token_id") and isinstance(v, (str, list)))}  # resolved by the tokenizer
+    check_integer_fields(cls, where, fields)
+    for k, v in fields.items():
+        if isinstance(v, dict) and known[k].default_factory is not dataclasses.MISSING:
+            nested = type(known[k].default_factory())
+            if dataclasses.is_dataclass(nested):
+                check_integer_fields(nested, f"{where}.{k}", v)
 
 
 def set_path(cfg: dict, dotted: str, value) -> None:
@@ -154,18 +194,26 @@ def _token_id(value, tokenizer, field: str):
     return i
 
 
-def model_config(section: dict, tokenizer):
-    """The family's config from the YAML fields (on top of a preset's numbers when one is named)."""
+def model_config(section: dict, tokenizer, base=None):
+    """The family's config from the YAML fields (on top of a preset's numbers when one is named, or
+    of ``base``, the config of an ``init_from`` checkpoint)."""
     fields = dict(section)
     preset, family = fields.pop("preset", None), fields.pop("family", None)
     fields.pop("init_std", None)  # how to initialise, not what to build: read by run()
-    fam, base = get_preset(preset) if preset else (get_family(family), None)
-    if family and fam.name != family:
-        raise ConfigError(f"model: preset '{preset}' is a {fam.name} model, not {family}")
+    init_from = fields.pop("init_from", None)
+    if base is not None:
+        fam = get_family(type(base).family)
+        if family and fam.name != family:
+            raise ConfigError(f"model: init_from {init_from} is a {fam.name} model, not {family}")
+    else:
+        fam, base = get_preset(preset) if preset else (get_family(family), None)
+        if family and fam.name != family:
+            raise ConfigError(f"model: preset '{preset}' is a {fam.name} model, not {family}")
     known = {f.name: f for f in dataclasses.fields(fam.config_cls)}
     unknown = sorted(set(fields) - set(known))
     if unknown:
         raise ConfigError(f"model: unknown {fam.name} config field(s) {unknown}; known: {sorted(known)}")
+    _check_integers_of(fam.config_cls, fields, "model")
     if fields.get("vocab_size") == "tokenizer":
         fields["vocab_size"] = tokenizer.vocab_size
     for k, v in fields.items():
@@ -178,6 +226,13 @@ def model_config(section: dict, tokenizer):
         cfg = dataclasses.replace(base, **fields) if base is not None else fam.config_cls(**fields)
     except TypeError as e:
         raise ConfigError(f"model: {e}") from e
+    if init_from is not None:
+        differ = [f"{k}: {getattr(cfg, k)!r} here, {getattr(base, k)!r} there" for k in fields
+                  if getattr(cfg, k) != getattr(base, k)]
+        if differ:
+            raise ConfigError(f"model: init_from {init_from} fixes the architecture, and the run config disagrees "
+                              f"({'; '.join(differ)}); remove those fields or make them match")
+        return fam, base
     if tokenizer.vocab_size > cfg.vocab_size:
         raise ConfigError(f"model: vocab_size {cfg.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}; "
                           "use 'vocab_size: tokenizer' or a larger vocabulary")
@@ -195,7 +250,44 @@ def bytes_per_token(token_file, span: tuple[int, int], tokenizer, limit: int = 2
 # -- the run --------------------------------------------------------------------------------------
 
 
-def run(cfg: dict, out_dir: str | Path, *, resume: bool = False, source: str = "config") -> PretrainResult:
+def load_init_from(model_section: dict, tok_section: dict):
+    """(model, tokenizer) of an ``init_from`` directory: its weights in float32, and its own tokenizer
+    unless ``tokenizer.path`` names one (which must then have the model's vocabulary size)."""
+    directory = Path(model_section["init_from"])
+    if model_section.get("preset") or "init_std" in model_section:
+        clash = "preset" if model_section.get("preset") else "init_std"
+        raise ConfigError(f"model: init_from and {clash} exclude each other (the checkpoint gives the architecture "
+                          "and the weights)")
+    if tok_section.get("train"):
+        raise ConfigError("tokenizer: train: a model continued from init_from keeps the tokenizer it was trained "
+                          "with; remove tokenizer.train (or give tokenizer.path)")
+    extra = sorted(set(tok_section) - {"path"})
+    if extra:
+        raise ConfigError(f"tokenizer: {extra} apply to training a tokenizer; with init_from only 'path' does")
+    if not (directory / "config.json").is_file():
+        raise ConfigError(f"model: init_from {directory}: no config.json there (expected a directory written by "
+                          "lmzoo.save, e.g. a run's final/)")
+    model = lmzoo.load(directory, dtype="float32")
+    if tok_section.get("path"):
+        tokenizer = lmzoo.load_tokenizer(tok_section["path"])
+        if tokenizer.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"tokenizer: path {tok_section['path']} has {tokenizer.vocab_size} tokens, the model in "
+                              f"{directory} has vocab_size {model.config.vocab_size}")
+    else:
+        try:
+            tokenizer = lmzoo.load_tokenizer(directory)
+        except ConfigError as e:
+            raise ConfigError(f"model: init_from {directory} holds no tokenizer; give tokenizer.path ({e})") from e
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ConfigError(f"model: init_from {directory}: its tokenizer has {tokenizer.vocab_size} tokens, more "
+                              f"than the model's vocab_size {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def run(cfg: dict, out_dir: str | Path, *, resume: bool = False, resume_or_start: bool = False,
+        source: str = "config") -> PretrainResult:
+    """Train as ``cfg`` says into ``out_dir``. ``resume``: from its newest valid checkpoint (none is an
+    error); ``resume_or_start``: the same, but with none it starts from scratch."""
     from lmzoo.data import pretraining_batches, split_tokens
     from lmzoo.objectives import make_step_fn, make_transform, objective_for
 
@@ -204,19 +296,29 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = False, source: str = "
     tcfg = TrainConfig.from_dict(cfg.get("train"), f"{source}: train")
     env = setup(tcfg.parallel, tcfg.device)
     out_dir = Path(out_dir)
-    if not resume and list_checkpoints(out_dir / "checkpoints"):  # before the tokenizer is retrained over its own
+    found = list_checkpoints(out_dir / "checkpoints")
+    if found and not (resume or resume_or_start):  # before the tokenizer is retrained over its own
         raise ConfigError(f"{out_dir / 'checkpoints'} already holds checkpoints: resume them (--resume) or choose "
                           "another output directory")
+    if resume and not resume_or_start and not found:  # before any work
+        raise ConfigError(f"--resume: {out_dir / 'checkpoints'} holds no checkpoint to resume; start a new run "
+                          "without --resume, or pass --resume-or-start to start when there is none")
+    resume = resume or resume_or_start
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
     data, tok_section, obj = cfg.get("data") or {}, cfg.get("tokenizer") or {}, cfg.get("objective") or {}
     texts, files = _texts(data, tcfg.seed)
-    tokenizer = prepare_tokenizer(tok_section, texts, files, data.get("field"), out_dir, env, resume)
-    fam, mcfg = model_config(cfg["model"], tokenizer)
+    init_from = cfg["model"].get("init_from")
+    if init_from:
+        model, tokenizer = load_init_from(cfg["model"], tok_section)
+        fam, mcfg = model_config(cfg["model"], tokenizer, base=model.config)
+    else:
+        tokenizer = prepare_tokenizer(tok_section, texts, files, data.get("field"), out_dir, env, resume)
+        fam, mcfg = model_config(cfg["model"], tokenizer)
     name = obj.get("name") or objective_for(fam.name)
     step_fn = make_step_fn(name, config=mcfg, **(obj.get("step") or {}))
     transform = make_transform(name, config=mcfg, tokenizer=tokenizer, **(obj.get("transform") or {}))
-    seq_len, batch = int(data.get("seq_len", 256)), int(data.get("batch_size", 16))
+    seq_len, batch = data.get("seq_len", 256), data.get("batch_size", 16)  # integers: check_config
     if batch % env.world_size:
         raise ConfigError(f"data: batch_size {batch} (the global batch) is not divisible by {env.world_size} ranks")
     kw = dict(val_fraction=float(data.get("val_fraction", 0.05)), seed=tcfg.seed, transform=transform,
@@ -230,18 +332,21 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = False, source: str = "
         barrier()
     bpt = bytes_per_token(token_file, split_tokens(token_file, kw["val_fraction"], seq_len)[1], tokenizer)
     torch.manual_seed(tcfg.seed)  # the same initial weights on every rank and every resume
-    model = lmzoo.build(mcfg)
-    init_std = cfg["model"].get("init_std", 0.02)
-    if init_std is not None:
-        init_weights(model, float(init_std))
+    if not init_from:
+        model = lmzoo.build(mcfg)
+        init_std = cfg["model"].get("init_std", 0.02)
+        if init_std is not None:
+            init_weights(model, float(init_std))
     n_params = model.num_parameters() if hasattr(model, "num_parameters") else sum(p.numel() for p in model.parameters())
     if env.is_main:
-        print(f"{fam.name}: {n_params:,} parameters, objective {name}, {token_file.n_tokens:,} tokens, "
-              f"{env.world_size} process(es), parallel {env.parallel}", file=sys.stderr)
-    tcfg.extra = {**tcfg.extra, "family": fam.name, "objective": name, "n_parameters": n_params}
+        print(f"{fam.name}: {n_params:,} parameters" + (f" from {init_from}" if init_from else "") +
+              f", objective {name}, {token_file.n_tokens:,} tokens, {env.world_size} process(es), "
+              f"parallel {env.parallel}", file=sys.stderr)
+    tcfg.extra = {**tcfg.extra, "family": fam.name, "objective": name, "n_parameters": n_params,
+                  **({"init_from": str(init_from)} if init_from else {})}
     trainer = Trainer(model, train_batches, step_fn, tcfg, out_dir, eval_batches=eval_batches, bytes_per_token=bpt,
                       env=env)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, start_if_missing=resume_or_start)
     final = save_final(trainer, mcfg, tokenizer, out_dir / "final", env)
     return PretrainResult(result, final, mcfg, n_params)
 

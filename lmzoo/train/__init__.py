@@ -35,6 +35,6 @@ loss scaling), ``checkpoint.py`` (atomic, checksummed, resumable), ``distributed
 """
 
 from lmzoo.train.config import TrainConfig
-from lmzoo.train.loop import Trainer, TrainingError, TrainResult
+from lmzoo.train.loop import Trainer, TrainingError, TrainingInterrupted, TrainResult
 
-__all__ = ["Trainer", "TrainConfig", "TrainResult", "TrainingError"]
+__all__ = ["Trainer", "TrainConfig", "TrainResult", "TrainingError", "TrainingInterrupted"]

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from lmzoo.errors import ConfigError
+from lmzoo.models.config_base import check_integer_fields
 
 SCHEDULES = ("cosine", "linear", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -33,7 +34,7 @@ class TrainConfig:
     optimizer_impl: str = "auto"  # auto: fused where torch has it for the device, else foreach
     clip_grad: float | None = 1.0  # max global grad norm; None or 0: no clipping (the norm is still logged)
     # numerics and speed
-    precision: str = "fp32"  # bf16: autocast (CPU and GPU); fp16: autocast + loss scaling (GPU only)
+    precision: str = "fp32"  # bf16: autocast (CPU and GPU); fp16: autocast + loss scaling (for GPUs; runs on the CPU)
     compile: bool = False  # torch.compile (nn.Module.compile: parameter names stay the same)
     activation_checkpointing: bool = False  # recompute each transformer block in backward
     seed: int = 0
@@ -60,6 +61,11 @@ class TrainConfig:
             _positive_int(self, name)
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "max_skipped_steps"):
             _int_at_least(self, name, 0)
+        check_integer_fields(self, "train")  # the rule for every integer field (lmzoo/models/config_base.py)
+        for f in dataclasses.fields(self):
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                v = getattr(self, f.name)
+                raise ConfigError(f"train.{f.name} must be true or false, got {v!r} ({type(v).__name__})")
         for name, allowed in (("schedule", SCHEDULES), ("precision", PRECISIONS), ("parallel", PARALLEL),
                               ("nan_policy", NAN_POLICIES), ("optimizer_impl", OPTIMIZER_IMPLS)):
             if getattr(self, name) not in allowed:
@@ -106,4 +112,4 @@ def _positive_int(cfg, name):
 def _int_at_least(cfg, name, low):
     v = getattr(cfg, name)
     if not isinstance(v, int) or isinstance(v, bool) or v < low:
-        raise ConfigError(f"train: '{name}' must be an integer >= {low}, got {v!r}")
+        raise ConfigError(f"train.{name} must be an integer >= {low}, got {v!r} ({type(v).__name__})")

@@ -10,6 +10,11 @@ Resume guarantee: a run resumed from checkpoint k computes steps k+1.. from the 
 optimizer moments, schedule position, RNG states and data position as the uninterrupted run, so on
 the CPU (same thread count) its final weights are bitwise equal (``tests/train/test_resume.py``).
 
+Ctrl-C (SIGINT): the step in progress finishes, a checkpoint of it is written (atomically, as
+every checkpoint) and ``fit`` raises ``TrainingInterrupted`` (a ``KeyboardInterrupt``) naming it;
+a second Ctrl-C stops at once. Under DDP/FSDP the ranks agree on stopping through the step's own
+all-reduce, so a signal that reaches one rank first cannot leave the others waiting.
+
 Non-finite loss or gradient norm: ``nan_policy: stop`` raises ``TrainingError`` before anything is
 written, so the newest checkpoint stays the last good one; ``skip`` drops that update (the data and
 the schedule still advance) and stops after ``max_skipped_steps`` in a row. Weights that are not
@@ -24,7 +29,9 @@ import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +41,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from lmzoo.errors import ConfigError, LmzooError
+from lmzoo.errors import CheckpointError, ConfigError, LmzooError
 from lmzoo.train import atomic, checkpoint
 from lmzoo.train.config import TrainConfig
 from lmzoo.train.distributed import (DistEnv, all_reduce, find_blocks, full_value, is_fsdp, setup, unwrap,
@@ -47,6 +54,15 @@ from lmzoo.train.precision import Precision
 
 class TrainingError(LmzooError):
     """The run cannot go on: a non-finite loss or gradient (nan_policy stop), or the data ran out."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C: the run stopped after a whole step and saved it; ``checkpoint`` is where (None: not saved)."""
+
+    def __init__(self, step: int, checkpoint: Path | None):
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint written"
+        super().__init__(f"interrupted at step {step}; {where}")
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -103,20 +119,46 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         self.log = MetricsLog(self.out_dir, enabled=self.env.is_main, tensorboard=cfg.tensorboard)
         self.step, self.tokens_seen, self.skipped, self.skipped_in_a_row = 0, 0, 0, 0
+        self._sigint, self._stop_agreed = False, False
 
     # -- the run ---------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainResult:
-        """Train to ``cfg.steps`` (from the newest valid checkpoint with ``resume``)."""
-        with _deterministic(self.cfg.deterministic, self.env.device):
-            return self._fit(resume)
+    def fit(self, resume: bool = False, *, start_if_missing: bool = False) -> TrainResult:
+        """Train to ``cfg.steps``; with ``resume``, from the newest valid checkpoint, and finding none
+        is an error unless ``start_if_missing`` (then it starts from scratch)."""
+        with _deterministic(self.cfg.deterministic, self.env.device), self._sigint_deferred():
+            return self._fit(resume, start_if_missing)
 
-    def _fit(self, resume: bool) -> TrainResult:
+    @contextlib.contextmanager
+    def _sigint_deferred(self):
+        """The first Ctrl-C only sets a flag that the loop reads after a whole step; the second is
+        the usual ``KeyboardInterrupt``. Only where Python's own handler is in place (main thread)."""
+        self._sigint = False
+        if (threading.current_thread() is not threading.main_thread()
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+            yield
+            return
+
+        def handler(signum, frame):
+            self._sigint = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # (no print here: not reentrant-safe)
+
+        signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def _stop_requested(self) -> bool:
+        # distributed: the flag all ranks summed in the step's all-reduce; one process: the flag itself
+        return self._stop_agreed or (not self.env.distributed and self._sigint)
+
+    def _fit(self, resume: bool, start_if_missing: bool = False) -> TrainResult:
         cfg, env = self.cfg, self.env
         result = TrainResult(step=0, out_dir=self.out_dir)
         if env.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic.clean_leftovers(self.ckpt_root)
-        result.resumed_from = self._resume() if resume else self._fresh_start()
+        result.resumed_from = self._resume(start_if_missing) if resume else self._fresh_start()
         if env.is_main:
             atomic.write_json(self.out_dir / "run.json", {"train": cfg.to_dict(), "world_size": env.world_size,
                                                           "resumed_from": str(result.resumed_from or "")})
@@ -146,6 +188,12 @@ class Trainer:
                 result.eval, last_eval_step = self._evaluate(bar), self.step
             if cfg.save_every and self.step % cfg.save_every == 0:
                 result.checkpoint, last_save_step = self.save(), self.step
+            if self._stop_requested() and self.step < cfg.steps:
+                bar.close()
+                if last_save_step != self.step:
+                    result.checkpoint = self.save()
+                self.log.close()
+                raise TrainingInterrupted(self.step, result.checkpoint)
         bar.close()
         if self.eval_batches is not None and last_eval_step != self.step:
             result.eval = self._evaluate(None)
@@ -165,15 +213,21 @@ class Trainer:
         seed_everything(self.cfg.seed + self.env.rank)
         return None
 
-    def _resume(self) -> Path | None:
+    def _resume(self, start_if_missing: bool) -> Path | None:
         path = checkpoint.latest_valid(self.ckpt_root) if self.env.is_main else None
         if self.env.distributed:
             box = [str(path) if path else None]
             torch.distributed.broadcast_object_list(box, src=0)
             path = Path(box[0]) if box[0] else None
         if path is None:
-            warnings.warn(f"--resume: no valid checkpoint in {self.ckpt_root}; starting from scratch", RuntimeWarning,
-                          stacklevel=3)
+            if not start_if_missing:
+                found = len(checkpoint.list_checkpoints(self.ckpt_root))
+                why = f"none of its {found} checkpoint(s) verifies" if found else "it holds no checkpoint"
+                raise CheckpointError(f"resume: nothing to resume in {self.ckpt_root} ({why}); start a new run "
+                                      "instead, or allow a fresh start when there is none (fit(start_if_missing="
+                                      "True), lmzoo pretrain --resume-or-start)")
+            if self.env.is_main:
+                print(f"nothing to resume in {self.ckpt_root}: starting from scratch", file=sys.stderr)
             self.log.truncate_after(-1)
             seed_everything(self.cfg.seed + self.env.rank)
             return None
@@ -221,8 +275,11 @@ class Trainer:
             for k, v in metrics.items():
                 if k not in ("n_tokens", "n_bytes"):
                     extras[k] = extras.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
-        totals = all_reduce(torch.stack([loss_sum / cfg.grad_accum, loss_sum.new_tensor(tokens)]))
+        # the interrupt flag rides on the step's all-reduce: every rank learns whether any rank got Ctrl-C
+        totals = all_reduce(torch.stack([loss_sum / cfg.grad_accum, loss_sum.new_tensor(tokens),
+                                         loss_sum.new_tensor(float(self._sigint))]))
         step_loss, step_tokens = totals[0].item() / self.env.world_size, int(totals[1].item())
+        self._stop_agreed = totals[2].item() > 0
         self.precision.unscale(self.optimizer)
         max_norm = cfg.clip_grad if cfg.clip_grad else math.inf
         norm = float(full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))

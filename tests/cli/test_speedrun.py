@@ -1,6 +1,7 @@
 """`lmzoo speedrun --tiny` end to end: tokenizer, training, perplexity far below unigram, samples, report."""
 
 import json
+import math
 
 import pytest
 
@@ -22,7 +23,12 @@ def test_tiny_speedrun_end_to_end(tmp_path, capsys):
     assert "## Result" in report and "unigram baseline" in report and "## Samples" in report
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["split"] == "train" and any(r["split"] == "eval" for r in rows)
-    assert rows[0]["loss"] > rows[-1]["loss"] if rows[-1]["split"] == "train" else True
+    # Training loss fell: an untrained model sits at ln V (6.20 for 495 tokens); measured: 5.97 at step 3, a
+    # mean of 2.83 over the last three logged steps, against a unigram baseline of 4.08.
+    train = [r["loss"] for r in rows if r["split"] == "train"]
+    last = sum(train[-3:]) / 3
+    assert train[0] > math.log(summary["tokenizer_vocab"]) - 1.0, train[0]  # it started untrained
+    assert last < summary["unigram_nats"] - 0.5 and last < train[0] - 2.0, (train, summary["unigram_nats"])
     pytest.importorskip("matplotlib")
     assert (out / "speedrun.png").stat().st_size > 10_000 and (out / "loss.png").is_file()
     model = lmzoo.load(out / "final")
@@ -35,3 +41,10 @@ def test_speedrun_refuses_a_used_folder(tmp_path, capsys):
     assert main(["speedrun", "--tiny", "--out", str(tmp_path), "--no-progress"]) == 1
     assert "is not empty" in capsys.readouterr().err
     assert (tmp_path / "x").read_text() == "keep me"
+
+
+def test_speedrun_resume_needs_a_checkpoint(tmp_path, capsys):
+    assert main(["speedrun", "--tiny", "--out", str(tmp_path / "new"), "--resume", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume: " in err and "holds no checkpoint to resume" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "new").exists()  # refused before any work

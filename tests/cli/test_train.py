@@ -13,12 +13,14 @@ from lmzoo.cli.main import main
 def test_train_vit_writes_a_run_folder(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     out = tmp_path / "vit"
-    assert main(["train", "vit", "--steps", "3", "--eval-images", "12", "--out", str(out)]) == 0
+    assert main(["train", "vit", "--steps", "40", "--eval-images", "100", "--out", str(out)]) == 0
     assert "wrote" in capsys.readouterr().out
     for name in ("loss.png", "predictions.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["config"]["steps"] == 3
+    # 50 classes: chance is 0.02 (2 of 100 new images, sd 1.4). After 40 steps, seeds 0, 1, 2 measured 0.26,
+    # 0.31, 0.23; after 3 steps 0.06. 0.12 is six times chance, and half the lowest measured.
+    assert metrics["accuracy"] >= 0.12 and metrics["config"]["steps"] == 40, metrics["accuracy"]
     model = lmzoo.load(out / "model")
     assert model.config.num_labels == 50 and model.config.labels[0] == "red circle"
     transformers = pytest.importorskip("transformers")

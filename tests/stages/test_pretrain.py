@@ -109,6 +109,22 @@ def test_bad_configs_are_refused_with_the_key(change, message, tmp_path, cache):
         pretrain.run(cfg, tmp_path)
 
 
+@pytest.mark.parametrize("family,dotted,value", [
+    ("bert", "model.type_vocab_size", 2.0), ("t5", "model.num_buckets", "32"), ("deepseek_v2", "model.top_k", True),
+    ("gpt2", "model.n_heads", 4.5), ("gpt2", "data.batch_size", 16.0), ("chatglm", "tokenizer.max_chars", "1000"),
+    ("llama", "data.seq_len", "64"), ("llama", "train.eval_every", 1.5),
+])
+def test_one_integer_rule_for_every_section(family, dotted, value):
+    """An integer field takes a YAML integer: not a float, a string or a bool, in every section."""
+    cfg = pretrain.load_config(ROOT / "configs" / family / "tiny.yaml")
+    pretrain.check_config(cfg)  # the shipped config passes, and the changed one does not
+    pretrain.set_path(cfg, dotted, value)
+    kind = type(value).__name__
+    pattern = rf"{dotted.replace('.', '[.]')} must be an integer.*, got {value!r} \({kind}\)"
+    with pytest.raises(ConfigError, match=pattern):
+        pretrain.check_config(cfg, "tiny.yaml")
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CORPUS.exists(), reason=f"{CORPUS} is absent (the shared corpora are not on this machine)")
 def test_loss_falls_below_the_unigram_baseline_on_tinyshakespeare(tmp_path, cache):

@@ -21,12 +21,13 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--save-every", type=int, default=1)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume-or-start", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     cfg = TrainConfig(steps=args.steps, lr=1e-2, warmup_steps=3, grad_accum=2, log_every=1, save_every=args.save_every,
                       keep_last=2, progress=False, plot=False)
     trainer = Trainer(tiny_model(seed=1), ProgressionBatches(batch_size=4), causal_step, cfg, args.out)
-    trainer.fit(resume=args.resume)
+    trainer.fit(resume=args.resume or args.resume_or_start, start_if_missing=args.resume_or_start)
     save_file(trainer.full_state_dict(), f"{args.out}/final.safetensors")
 
 

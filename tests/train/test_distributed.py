@@ -95,9 +95,12 @@ def test_two_ranks_follow_the_one_process_loss_curve(two_ranks, one_process, par
     ref = [r["loss"] for r in one_process.result.history]
     got = reports[0][parallel]["losses"]
     assert len(got) == 6 and ref[-1] < ref[0] - 0.5  # it learned something, and
-    assert _rel_diff(got, ref) <= 1e-5, (got, ref)  # the same thing
+    # the same thing, to a few float32 roundings of the loss (measured: 1.17e-7 for DDP and for FSDP; the
+    # claim in docs/training.md and the README)
+    assert _rel_diff(got, ref) <= 3e-7, (_rel_diff(got, ref), got, ref)
     assert reports[1][parallel]["losses"] == got  # every rank logs the global mean
-    assert abs(reports[0][parallel]["eval"] - one_process.result.eval["loss"]) / one_process.result.eval["loss"] <= 1e-5
+    eval_diff = abs(reports[0][parallel]["eval"] - one_process.result.eval["loss"]) / one_process.result.eval["loss"]
+    assert eval_diff <= 3e-7, eval_diff  # measured: 0
 
 
 def test_each_fsdp_rank_holds_half(two_ranks):

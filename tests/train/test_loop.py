@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -84,11 +85,68 @@ def test_bf16_autocast_on_cpu_learns_and_keeps_fp32_weights(tmp_path):
     assert math.isfinite(res.eval["loss"])
 
 
-def test_fp16_needs_a_gpu(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
-    with pytest.raises(ConfigError, match="fp16.*CUDA"):
-        _fit(tmp_path, precision="fp16")
+def _snapshots(tr: Trainer) -> list[dict]:
+    """The weights after every step of ``tr``'s run (filled as it trains)."""
+    snaps, inner = [], tr._train_step
+
+    def spy():
+        rec = inner()
+        snaps.append({k: v.detach().clone() for k, v in tr.model.state_dict().items()})
+        return rec
+    tr._train_step = spy
+    return snaps
+
+
+def test_fp16_loss_scaling_learns_and_halves_the_scale_on_each_overflow(tmp_path):
+    """fp16 autocast with torch's dynamic loss scaler (on the CPU here; the same code path as on a GPU):
+    it learns, the weights stay fp32, and every overflowed step is skipped and halves the scale."""
+    tr, res = _fit(tmp_path, steps=12, precision="fp16")
+    assert tr.precision.scaler is not None and tr.precision.scaler.is_enabled()
+    assert res.history[-1]["loss"] < res.history[0]["loss"] - 0.3
+    assert all(p.dtype == torch.float32 for p in tr.model.parameters())
+    overflows = sum(bool(r.get("overflow")) for r in res.history)
+    # 65536 to start, x0.5 per overflow, x2 only after 2000 clean steps (torch's defaults)
+    assert tr.precision.scaler.get_scale() == 65536.0 * 0.5 ** overflows
+    saved = json.loads((res.checkpoint / "trainer.json").read_text())["scaler"]
+    assert saved["scale"] == tr.precision.scaler.get_scale()  # the scaler's state is in every checkpoint
+
+
+def test_fp16_overflow_skips_the_update_and_backs_off(tmp_path):
+    calls = {"n": 0}
+
+    def huge_at_4(model, batch):  # a finite loss whose scaled gradients overflow at step 4
+        calls["n"] += 1
+        loss, metrics = causal_step(model, batch)
+        return (loss * 1e35 if calls["n"] == 4 else loss), metrics
+
+    cfg = TrainConfig(steps=6, lr=1e-2, log_every=1, progress=False, plot=False, precision="fp16")
+    tr = Trainer(tiny_model(seed=3), ProgressionBatches(8), huge_at_4, cfg, tmp_path)
+    snaps = _snapshots(tr)
+    scales = []
+    inner_step = tr.precision.step
+    tr.precision.step = lambda opt: (ok := inner_step(opt), scales.append(tr.precision.scaler.get_scale()))[0]
+    res = tr.fit()
+    assert res.history[3].get("overflow") is True and res.step == 6
+    assert scales[3] == scales[2] / 2  # backed off
+    for k, v in snaps[3].items():
+        assert torch.equal(v, snaps[2][k]), k  # step 4 changed nothing
+    assert not torch.equal(snaps[4]["lm_head.weight"], snaps[3]["lm_head.weight"])  # step 5 trains again
+    assert all(torch.isfinite(v).all() for v in snaps[-1].values())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="inductor needs a C++ compiler")
+def test_compile_gives_the_eager_run(tmp_path):
+    """``compile: true`` (inductor): the same losses and weights as eager to float32 rounding, the same names.
+    Measured on the CPU (3 steps, 1 layer): losses within 2.4e-7, weights within 6.5e-7; ~15-60 s to compile."""
+    a, ra = _fit(tmp_path / "eager", steps=3, model=tiny_model(seed=3, n_layers=1))
+    b, rb = _fit(tmp_path / "compiled", steps=3, model=tiny_model(seed=3, n_layers=1), compile=True)
+    assert [r["loss"] for r in rb.history] == pytest.approx([r["loss"] for r in ra.history], rel=1e-5, abs=0)
+    sa, sb = a.full_state_dict(), b.full_state_dict()
+    assert list(sa) == list(sb)  # parameter names unchanged
+    for k, v in sa.items():
+        torch.testing.assert_close(sb[k], v, rtol=0, atol=1e-5)
+    assert any(not torch.equal(v, tiny_model(seed=3, n_layers=1).state_dict()[k]) for k, v in sa.items())
 
 
 def test_activation_checkpointing_gives_the_same_run(tmp_path):
@@ -151,9 +209,15 @@ def test_tensorboard_is_optional(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("schedule", "step", "'schedule' must be one of"), ("steps", 0, "'steps' must be an integer >= 1"),
+    ("schedule", "step", "'schedule' must be one of"), ("steps", 0, r"train\.steps must be an integer >= 1, got 0"),
     ("min_lr", 1.0, "'min_lr' must be between 0 and lr"), ("nan_policy", "ignore", "'nan_policy'"),
     ("betas", (0.9, 1.5), "'betas'"),
+    # one rule for integer fields: an integer, not a bool, a float or a string (lmzoo/models/config_base.py)
+    ("warmup_steps", 2.5, r"train\.warmup_steps must be an integer >= 0, got 2\.5 \(float\)"),
+    ("save_every", "10", r"train\.save_every must be an integer >= 0, got '10' \(str\)"),
+    ("keep_last", True, r"train\.keep_last must be an integer >= 1, got True \(bool\)"),
+    ("seed", 3.0, r"train\.seed must be an integer >= 0, got 3\.0 \(float\)"),
+    ("plot", "false", r"train\.plot must be true or false, got 'false' \(str\)"),
 ])
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ConfigError, match=message):

@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lmzoo.errors import ConfigError
-from lmzoo.train import TrainConfig, Trainer, TrainingError
+from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.train import TrainConfig, Trainer, TrainingError, TrainingInterrupted
 from lmzoo.train.checkpoint import latest_valid, list_checkpoints, load_model_weights
 from tests.train import run_tiny
 from tests.train.tiny import ProgressionBatches, causal_step, tiny_model
@@ -61,7 +61,7 @@ def test_sigkill_at_random_steps_then_resume_is_bitwise_equal(tmp_path):
     out, reached, kills = tmp_path / "crashy", 0, []
     for _ in range(3):
         target = rng.randint(reached + 2, reached + 4)
-        proc = _run(out, "--steps", str(steps), "--resume")
+        proc = _run(out, "--steps", str(steps), "--resume-or-start")  # the first launch finds none
         deadline = time.time() + 60
         while _last_logged_step(out) < target and proc.poll() is None and time.time() < deadline:
             time.sleep(0.005)
@@ -119,6 +119,54 @@ def test_checkpoint_without_manifest_is_skipped(tmp_path):
     with pytest.warns(RuntimeWarning, match="step_00000002.*truncated"):
         with pytest.warns(RuntimeWarning, match="step_00000004"):
             assert latest_valid(ckpts) is None
+
+
+def test_resume_with_nothing_to_resume_is_an_error_unless_start_if_missing(tmp_path):
+    with pytest.raises(CheckpointError, match=r"nothing to resume in .*checkpoints \(it holds no checkpoint\)"):
+        _trainer(tmp_path / "a", steps=2).fit(resume=True)
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+    res = _trainer(tmp_path / "a", steps=2).fit(resume=True, start_if_missing=True)
+    assert res.resumed_from is None and res.step == 2 and len(res.history) == 2
+    (tmp_path / "a" / "checkpoints" / "step_00000002" / "manifest.json").unlink()
+    with pytest.warns(RuntimeWarning, match="skipping checkpoint step_00000002"):
+        with pytest.raises(CheckpointError, match=r"none of its 1 checkpoint\(s\) verifies"):
+            _trainer(tmp_path / "a", steps=2).fit(resume=True)
+
+
+def _sigint_at(calls_to_signal: set[int]):
+    """A step function that sends this process SIGINT (as Ctrl-C does) during the given forward calls."""
+    calls = {"n": 0}
+
+    def step_fn(model, batch):
+        calls["n"] += 1
+        if calls["n"] in calls_to_signal:
+            os.kill(os.getpid(), signal.SIGINT)
+        return causal_step(model, batch)
+    return step_fn
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_resumes_bitwise(tmp_path):
+    ref = _trainer(tmp_path / "ref", steps=8)
+    ref.fit()
+    cfg = TrainConfig(steps=8, lr=1e-2, log_every=1, save_every=0, progress=False, plot=False)
+    tr = Trainer(tiny_model(seed=1), ProgressionBatches(batch_size=4), _sigint_at({3}), cfg, tmp_path / "run")
+    with pytest.raises(TrainingInterrupted, match=r"interrupted at step 3; checkpoint .*step_00000003") as info:
+        tr.fit()
+    assert info.value.step == 3 and info.value.checkpoint == tmp_path / "run" / "checkpoints" / "step_00000003"
+    assert [s for s, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [3]  # save_every 0: the interrupt's
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own handler is back
+    again = _trainer(tmp_path / "run", steps=8)
+    assert again.fit(resume=True).resumed_from.name == "step_00000003"
+    _assert_bitwise_equal(again.full_state_dict(), ref.full_state_dict())
+
+
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    cfg = TrainConfig(steps=8, grad_accum=2, lr=1e-2, log_every=1, progress=False, plot=False)
+    tr = Trainer(tiny_model(seed=1), ProgressionBatches(batch_size=4), _sigint_at({5, 6}), cfg, tmp_path)
+    with pytest.raises(KeyboardInterrupt) as info:  # both in step 3 (its two micro-batches)
+        tr.fit()
+    assert not isinstance(info.value, TrainingInterrupted)  # the plain one, from inside step 3's second forward
+    assert list_checkpoints(tmp_path / "checkpoints") == []
 
 
 def test_fresh_start_refuses_to_overwrite_existing_checkpoints(tmp_path):
