@@ -74,8 +74,8 @@ def base_config(family: str, tokenizer, layers: int | None):
 
     fam = get_family(family)
     if fam.shape != "causal decoder":
-        raise LmzooError(f"compare-archs compares causal decoders on one next-token loss; '{family}' is a "
-                         f"{fam.shape}")
+        raise LmzooError(f"compare-archs compares causal decoders on one next-token loss; '{family}' is "
+                         f"{'an' if fam.shape[0] in 'aeiou' else 'a'} {fam.shape}")
     path = configs.path(family, "tiny")
     section = {k: v for k, v in (yaml.safe_load(path.read_text())["model"]).items()
                if not k.endswith("_token_id") and k != "init_std"}

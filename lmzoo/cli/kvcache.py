@@ -382,7 +382,7 @@ def variants(spec: str, groups: int = 8) -> dict[str, int]:
 
 
 def plot_compare(spec: str, out: Path, max_tokens: int, batch: int, nbytes: int, groups: int = 8) -> dict[str, int]:
-    import matplotlib  # lazy: only --compare needs it (pip install lmzoo[plot])
+    import matplotlib  # lazy: only --compare draws
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -14,6 +14,7 @@ COMMANDS = ["speedrun", "zoo", "generate", "convert", "kvcache", "masks", "token
 # What a shell reports for a process killed by SIGPIPE (128 + 13): `lmzoo zoo --json | head` exits
 # as `cat` would, without a traceback.
 EXIT_BROKEN_PIPE = 141
+EXIT_INTERRUPTED = 130
 
 
 def version() -> str:
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lmzoo zoo --json | head`: the reader has all it wanted
         _silence_stdout()
         return EXIT_BROKEN_PIPE
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's 128 + SIGINT (pretrain checkpoints first)
+        print("lmzoo: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def _main(argv: list[str] | None) -> int:

@@ -6,7 +6,7 @@
     lmzoo masks --kind padding --len 8 --pad 3
 
 Every matrix comes from ``lmzoo.nn.masks.build_mask``, the builder the models use. ``--png``
-needs matplotlib (``pip install -e .[plot]``).
+is drawn with matplotlib (a dependency of lmzoo).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def draw(panels: list[tuple[torch.Tensor, str]], path, *, xlabels: list[str] | N
         import matplotlib.pyplot as plt
         from matplotlib.colors import ListedColormap
     except ImportError as e:
-        raise LmzooError("--png needs matplotlib: pip install -e .[plot]") from e
+        raise LmzooError("--png needs matplotlib, a dependency of lmzoo that does not import here: pip install matplotlib") from e
     widths = [m.shape[1] for m, _ in panels]  # equal cells across panels of different widths
     size = 0.34 * max(8, max(m.shape[0] for m, _ in panels))
     fig, axes = plt.subplots(1, len(panels), figsize=(0.34 * sum(widths) + 0.9 * len(panels) + 0.6, size + 1.1),

@@ -6,14 +6,15 @@
 
 The images (coloured shapes at places, with captions such as "a red circle on the left") are drawn on
 the fly from the seed (lmzoo/vision/shapes.py). The run folder gets model/ (lmzoo.save: transformers'
-ViTForImageClassification / CLIPModel layout), metrics.json, and loss.png + predictions.png (need
-matplotlib: pip install 'lmzoo[plot]'); CLIP also writes vocab.json, its word-level vocabulary.
+ViTForImageClassification / CLIPModel layout), metrics.json, and loss.png + predictions.png (drawn
+with matplotlib; --no-plot skips them); CLIP also writes vocab.json, its word-level vocabulary.
 See docs/vit.md and docs/clip.md.
 """
 
 from __future__ import annotations
 
 from dataclasses import fields
+from pathlib import Path
 
 import torch
 
@@ -52,6 +53,6 @@ def run(args) -> int:
         RUNS[args.model](cfg, out=out, plot=not args.no_plot)
     finally:
         torch.set_num_threads(before)
-    print(f"wrote {out}/: model/, metrics.json" + ("" if args.no_plot else ", loss.png, predictions.png")
-          + (", vocab.json" if args.model == "clip" else ""))
+    written = sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())
+    print(f"wrote {out}/: {', '.join(written)}")  # what the run wrote (CLIP adds its vocab.json)
     return 0

@@ -1,7 +1,7 @@
 """The two pictures a vision demo run leaves behind: the loss curve and a grid of predictions.
 
-matplotlib is optional (``pip install 'lmzoo[plot]'``); without it the run still trains and reports,
-and these raise a ``LmzooError`` that says what to install.
+matplotlib is a dependency of lmzoo; should it not import anyway, these raise a ``LmzooError`` that says
+what to install (``--no-plot`` skips them).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise LmzooError("the PNG plots need matplotlib: pip install 'lmzoo[plot]' (or pass --no-plot)") from e
+        raise LmzooError("the PNG plots need matplotlib, a dependency of lmzoo that does not import here: pip install matplotlib (or pass --no-plot)") from e
     return plt
 
 

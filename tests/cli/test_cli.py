@@ -277,3 +277,14 @@ def test_generate_prompt_stops_before_eos_and_skips_special_tokens(tmp_path, cap
     bos = tok.token_to_id("<s>")
     s = TextStream(lmzoo.load_tokenizer(d))
     assert "".join(s.add(t) for t in [g[0], bos, g[1]]) + s.flush() == tok.decode([g[0], g[1]])
+
+
+def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
+    import lmzoo.cli.zoo as zoo
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(zoo, "rows", interrupted)
+    assert main(["zoo"]) == 130
+    assert capsys.readouterr().err == "lmzoo: interrupted\n"

@@ -69,7 +69,6 @@ ALLOWED = {
     ("lmzoo/vision/demo.py", "vit"): "the table of demo runs behind `lmzoo train vit|clip`, by command name",
     ("lmzoo/vision/demo.py", "clip"): "the table of demo runs behind `lmzoo train vit|clip`, by command name",
     # to remove: `args.model == "clip"` picks the extra file to print; the demo run could report its files
-    ("lmzoo/cli/train.py", "clip"): "known violation, to be moved into the demo's result",
 }
 
 
