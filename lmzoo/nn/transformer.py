@@ -75,7 +75,7 @@ def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
 
 @dataclass
 class CausalLMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    logits: torch.Tensor | None  # (B, T, V); None after a forward with loss_chunk
     loss: torch.Tensor | None = None
     hidden_states: torch.Tensor | None = None  # final (normed) hidden states, (B, T, D)
     aux_loss: torch.Tensor | None = None  # MoE balance loss summed over layers (training forwards only)
@@ -138,9 +138,12 @@ class DecoderLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 cache: KVCache | None = None, inputs_embeds: torch.Tensor | None = None,
-                logits_to_keep: int = 0, doc_ids: torch.Tensor | None = None) -> CausalLMOutput:
+                logits_to_keep: int = 0, doc_ids: torch.Tensor | None = None, loss_chunk: int = 0) -> CausalLMOutput:
         """``logits_to_keep=n`` computes the head for the last n positions only (0 = all); the
         generation engine passes 1, since a prefill needs only the next token's logits.
+        ``loss_chunk=C`` (with ``labels``): the head and the loss are computed C tokens at a time
+        (``objectives.chunked_ce``), so the (B, T, V) logits never exist; ``.logits`` is then None
+        (or the last ``logits_to_keep`` positions' when that is set too).
         ``doc_ids`` (B, T): a packed row of several documents (training, no cache); each token
         attends only to earlier tokens of its own document, and positions restart per document.
         ``position_ids`` overrides the positions; its shape is the position part's ((B, T) for 1D
@@ -167,14 +170,26 @@ class DecoderLM(nn.Module):
         if cache is not None:
             cache.commit()
         x = self.final_norm(x)
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
-        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        if loss_chunk and labels is not None:
+            logits, loss = self._chunked_loss(x, labels, loss_chunk, logits_to_keep)
+        else:
+            logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+            loss = causal_lm_loss(logits, labels) if labels is not None else None
         # MoE mlps leave their balance loss in .aux_loss after a training forward (None otherwise)
         aux = [a for a in (getattr(layer.mlp, "aux_loss", None) for layer in self.layers) if a is not None]
         aux_loss = torch.stack(aux).sum() if aux else None
         if loss is not None and aux_loss is not None and self.aux_loss_alpha:
             loss = loss + self.aux_loss_alpha * aux_loss
         return CausalLMOutput(logits=logits, loss=loss, hidden_states=x, aux_loss=aux_loss)
+
+    def _chunked_loss(self, x: torch.Tensor, labels: torch.Tensor, loss_chunk: int, logits_to_keep: int):
+        """(logits of the last ``logits_to_keep`` positions or None, the chunked causal-LM loss)."""
+        from lmzoo.objectives.chunked_ce import chunked_causal_lm_loss  # objectives import this module
+
+        if type(self.lm_head) is not nn.Linear:  # a quantized or wrapped head has no plain weight to chunk
+            raise ValueError(f"loss_chunk needs the head to be a plain nn.Linear, not {type(self.lm_head).__name__}")
+        loss = chunked_causal_lm_loss(x, self.lm_head.weight, labels, self.lm_head.bias, chunk_tokens=loss_chunk)
+        return (self.lm_head(x[:, -logits_to_keep:]) if logits_to_keep else None), loss
 
     # -- introspection used by the zoo table and kv-cache accounting ---------------------------
     def num_parameters(self) -> int:
