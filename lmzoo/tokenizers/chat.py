@@ -18,6 +18,14 @@ Built-ins (each marks what the model must learn to write, including the end-of-t
 - ``chatglm3``: ``[gMASK]<sop><|system|>\\n {system}<|user|>\\n {user}<|assistant|>\\n {answer}``;
   the space after "\\n" stands for SentencePiece's dummy prefix on separately encoded messages,
   so the ids equal ChatGLM3's own ``build_chat_input``.
+- ``llama3``: ``<|begin_of_text|><|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>``,
+  Meta-Llama-3-Instruct's published template (contents trimmed, BOS once at the start).
+
+``TEMPLATE_INFO`` says, per built-in, which special tokens it writes (a tokenizer trained from
+scratch must have each as one id: ``missing_tokens``) and where a generated turn ends
+(``stop_ids``). ``choose_template`` is the rule ``--template`` follows: the name asked for, else the
+tokenizer's own template (``chat_template`` of tokenizer_config.json), else the family's published
+format (the name in its registry record), else ChatML.
 """
 
 from __future__ import annotations
@@ -84,7 +92,84 @@ BUILTIN_TEMPLATES = {
         "{% else %}{{ '\\n ' + message['content'] }}{% endif %}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"),
+    "llama3": (
+        "{% for message in messages %}"
+        "{% if loop.first %}{{ bos_token }}{% endif %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+        "{% if message['role'] == 'assistant' %}"
+        "{% generation %}{{ message['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] | trim + '<|eot_id|>' }}{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"),
 }
+
+
+@dataclass(frozen=True)
+class TemplateInfo:
+    """What a built-in template needs from a tokenizer, and where a generated assistant turn ends."""
+
+    special_tokens: tuple[str, ...]  # strings the template writes that must each be one id
+    roles: tuple[str, ...]  # named special tokens it writes (bos_token, eos_token)
+    stop_tokens: tuple[str, ...]  # end of a turn besides the tokenizer's eos
+
+
+TEMPLATE_INFO = {
+    "llama2": TemplateInfo((), ("bos", "eos"), ()),
+    "chatml": TemplateInfo(("<|im_start|>", "<|im_end|>"), (), ("<|im_end|>",)),
+    "chatglm2": TemplateInfo(("[gMASK]", "<sop>"), ("eos",), ()),
+    # ChatGLM3 ends a reply by naming the next speaker (its chat() stops at <|user|> and <|observation|>)
+    "chatglm3": TemplateInfo(("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"), ("eos",),
+                             ("<|user|>", "<|observation|>")),
+    "llama3": TemplateInfo(("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"), ("bos",), ("<|eot_id|>",)),
+}
+DEFAULT_TEMPLATE = "chatml"  # for a model whose tokenizer and family name none
+
+
+def template_info(name: str) -> TemplateInfo:
+    if name not in TEMPLATE_INFO:
+        raise ConfigError(f"unknown chat template {name!r}; built-ins: {sorted(TEMPLATE_INFO)}")
+    return TEMPLATE_INFO[name]
+
+
+def choose_template(tok, template: str | None = None, default: str | None = None) -> str:
+    """The template to use (a built-in name or Jinja source): ``template`` when given (``--template``),
+    else the tokenizer's own, else ``default`` (the family record's ``chat_template``), else ChatML."""
+    if template:
+        resolve_template(template)  # an unknown name fails here, before any data is read
+        return template
+    if tok.chat_template:
+        return tok.chat_template
+    return default or DEFAULT_TEMPLATE
+
+
+def builtin_name(template: str) -> str | None:
+    """The built-in's name for a name or for its Jinja source (a tokenizer loaded with a flavor holds
+    the source); None for any other template."""
+    if template in TEMPLATE_INFO:
+        return template
+    return next((name for name, source in BUILTIN_TEMPLATES.items() if source == template), None)
+
+
+def missing_tokens(tok, template: str) -> list[str]:
+    """The special tokens (or special-token roles) a built-in template writes that ``tok`` lacks;
+    [] for other Jinja source (nothing is known about it)."""
+    name = builtin_name(template)
+    if name is None:
+        return []
+    info = TEMPLATE_INFO[name]
+    return ([t for t in info.special_tokens if tok.token_to_id(t) is None]
+            + [f"{r}_token" for r in info.roles if tok.special_id(r) is None])
+
+
+def stop_ids(tok, template: str) -> list[int]:
+    """Ids that end a generated assistant turn under ``template``: the eos and the template's own."""
+    stops = [tok.eos_id] if tok.eos_id is not None else []
+    name = builtin_name(template)
+    for t in (TEMPLATE_INFO[name].stop_tokens if name else ()):
+        i = tok.token_to_id(t)
+        if i is not None and i not in stops:
+            stops.append(i)
+    return stops
 
 
 def resolve_template(template: str) -> str:

@@ -175,3 +175,83 @@ def test_template_errors():
         tok.render_chat([{"role": "assistant", "content": "hi"}], template="llama2")
     with pytest.raises(ConfigError, match="does not compile"):
         tok.render_chat(CHATS[0], template="{% for m in messages %}")
+
+
+# -- every built-in, multi-turn, Chinese, against transformers; llama3 against Meta's own template ----------
+
+# Meta-Llama-3-8B-Instruct's tokenizer_config.json "chat_template", verbatim (no {% generation %} markers)
+META_LLAMA3 = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+               "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+               "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+               "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+               "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+ROUNDS3 = [{"role": "user", "content": "把 305 写成中文数字。"}, {"role": "assistant", "content": "三百零五"},
+           {"role": "user", "content": " 再把 42 写成中文数字 "}, {"role": "assistant", "content": " 四十二 "},
+           {"role": "user", "content": "Sort: 3 1 2"}, {"role": "assistant", "content": "1 2 3"}]
+ALL_SPECIALS = ["<|im_start|>", "<|im_end|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>",
+                "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+
+@pytest.fixture(scope="module")
+def all_templates_tok():
+    """One trained tokenizer holding every built-in's specials; per template the bos it uses."""
+    transformers = pytest.importorskip("transformers")
+    base = lmzoo.train_tokenizer("sp-bpe", texts=tiny_corpus(), vocab_size=700, special_tokens=ALL_SPECIALS)
+
+    def pair(bos):
+        tok = lmzoo.Tokenizer(base.backend, roles={"bos": bos, "eos": "</s>", "unk": "<unk>"})
+        ref = transformers.PreTrainedTokenizerFast(tokenizer_object=base.backend.tok, bos_token=bos,
+                                                   eos_token="</s>", unk_token="<unk>")
+        return tok, ref
+    return pair
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
+def test_every_builtin_ids_and_mask_equal_transformers(all_templates_tok, name):
+    tok, ref = all_templates_tok("<|begin_of_text|>" if name == "llama3" else "<s>")
+    chats = [ROUNDS3, ROUNDS3[:4]] + ([] if name == "chatglm2" else [with_system(ROUNDS3), with_system(ROUNDS3[:2])])
+    for chat in chats:
+        enc = tok.apply_chat_template(chat, template=name)
+        out = ref.apply_chat_template(chat, chat_template=BUILTIN_TEMPLATES[name], return_dict=True,
+                                      return_assistant_tokens_mask=True)
+        assert enc.text == ref.apply_chat_template(chat, chat_template=BUILTIN_TEMPLATES[name], tokenize=False)
+        assert enc.ids == out["input_ids"]
+        assert enc.assistant_mask == out["assistant_masks"]
+        # every assistant turn is trained: the mask has one run of ones per answer
+        runs = sum(1 for a, b in zip([0] + enc.assistant_mask, enc.assistant_mask) if b and not a)
+        assert runs == sum(m["role"] == "assistant" for m in chat)
+
+
+def test_llama3_renders_as_metas_template(all_templates_tok):
+    tok, ref = all_templates_tok("<|begin_of_text|>")
+    for chat in [ROUNDS3, with_system(ROUNDS3), with_system(CHATS[1]), CHATS[2]]:
+        for gen in (False, True):
+            mine, spans = tok.render_chat(chat, add_generation_prompt=gen, template="llama3")
+            assert mine == ref.apply_chat_template(chat, chat_template=META_LLAMA3, tokenize=False,
+                                                   add_generation_prompt=gen)
+    text, spans = tok.render_chat(with_system(ROUNDS3[:4]), template="llama3")
+    assert text.startswith("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n你是一个乐于助人的助手。"
+                           "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n把 305 写成中文数字。<|eot_id|>")
+    assert [text[s:e] for s, e in spans] == ["三百零五<|eot_id|>", "四十二<|eot_id|>"]
+
+
+def test_choose_template_missing_tokens_and_stops(all_templates_tok):
+    from lmzoo.tokenizers.chat import choose_template, missing_tokens, stop_ids
+
+    tok, _ = all_templates_tok("<s>")
+    assert choose_template(tok) == "chatml"  # no template of its own, no family default
+    assert choose_template(tok, default="llama2") == "llama2"
+    assert choose_template(tok, template="llama3", default="llama2") == "llama3"
+    own = lmzoo.Tokenizer(tok.backend, roles=tok.roles, chat_template=BUILTIN_TEMPLATES["chatglm3"])
+    assert choose_template(own, default="llama2") == BUILTIN_TEMPLATES["chatglm3"]  # the directory's own wins
+    assert choose_template(own, template="chatml") == "chatml"  # --template wins over both
+    with pytest.raises(ConfigError, match="unknown chat template"):
+        choose_template(tok, template="vicuna")
+    assert all(missing_tokens(tok, n) == [] for n in BUILTIN_TEMPLATES)
+    plain = lmzoo.train_tokenizer("bpe", texts=tiny_corpus(), vocab_size=400)
+    assert missing_tokens(plain, "chatml") == ["<|im_start|>", "<|im_end|>"]
+    assert missing_tokens(plain, "llama3") == ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+    assert stop_ids(tok, "llama3") == [tok.eos_id, tok.token_to_id("<|eot_id|>")]
+    assert stop_ids(tok, "llama2") == [tok.eos_id]
+    assert stop_ids(tok, BUILTIN_TEMPLATES["chatml"]) == [tok.eos_id, tok.token_to_id("<|im_end|>")]  # by source
+    assert stop_ids(tok, "{{ messages }}") == [tok.eos_id] and missing_tokens(plain, "{{ messages }}") == []
