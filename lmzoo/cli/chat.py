@@ -32,7 +32,8 @@ from lmzoo.cli.common import add_model_argument, family_of, require_decoder, res
 from lmzoo.cli.generate import TextStream, _eos_ids, _tokenizer, check_settings
 from lmzoo.errors import LmzooError
 from lmzoo.generate import stream
-from lmzoo.tokenizers.chat import BUILTIN_TEMPLATES
+from lmzoo.errors import ConfigError
+from lmzoo.tokenizers.chat import BUILTIN_TEMPLATES, builtin_name, choose_template, stop_ids
 
 HELP = "chat with a model directory in the terminal (streamed, multi-turn, through its chat template)"
 
@@ -42,14 +43,7 @@ COMMAND_HELP = """commands:
   /help         list the commands
   /exit         leave (also Ctrl-D, or Ctrl-C at the prompt)"""
 
-# Tokens that end an assistant turn under each built-in, besides EOS (ChatGLM3 ends a turn by
-# naming the next speaker). For other templates: any of the known ones the template spells out.
-END_OF_TURN = {"chatml": ["<|im_end|>"], "chatglm3": ["<|user|>", "<|observation|>"], "llama2": [], "chatglm2": []}
-KNOWN_END_OF_TURN = ["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|end_of_turn|>", "<|user|>",
-                     "<|observation|>"]
 DEFAULT_MAX_NEW_TOKENS = 256
-# The built-in a family's chat checkpoints use, when the vocabulary does not say (registry names).
-FAMILY_TEMPLATES = {"llama": "llama2", "chatglm2": "chatglm2"}
 
 
 def add_arguments(p) -> None:
@@ -70,40 +64,28 @@ def add_arguments(p) -> None:
 
 
 # -- the template --------------------------------------------------------------------------------
-def choose_template(option: str | None, tok, model_dir: str) -> tuple[str, str]:
-    """(Jinja source, what it is called): --template, else the tokenizer's own, else a built-in."""
-    if option is not None:
-        if option in BUILTIN_TEMPLATES:
-            return BUILTIN_TEMPLATES[option], option
-        if "{" not in option:
-            if not Path(option).is_file():
-                raise LmzooError(f"--template '{option}' is neither a built-in "
-                                 f"({', '.join(sorted(BUILTIN_TEMPLATES))}) nor a file, nor Jinja source")
-            return Path(option).read_text(encoding="utf-8"), option
-        return option, "--template"
-    if tok.chat_template:
-        return tok.chat_template, "the directory's own"
-    name = _builtin_for(tok, model_dir)
-    if name is None:
-        raise LmzooError(f"'{model_dir}' has no chat template (tokenizer_config.json 'chat_template' or "
-                         "chat_template.jinja) and no built-in matches its tokenizer or family; pass --template "
-                         f"({', '.join(sorted(BUILTIN_TEMPLATES))}, a Jinja file or Jinja source)")
-    print(f"note: '{model_dir}' has no chat template; using the built-in '{name}'", file=sys.stderr)
-    return BUILTIN_TEMPLATES[name], name
-
-
-def _builtin_for(tok, model_dir: str) -> str | None:
-    has = lambda *tokens: all(tok.token_to_id(t) is not None for t in tokens)  # noqa: E731
-    if has("<|im_start|>", "<|im_end|>"):
-        return "chatml"
-    if has("<|user|>", "<|assistant|>"):
-        return "chatglm3"
-    return FAMILY_TEMPLATES.get(family_of(model_dir).name)
-
-
-def end_of_turn_ids(tok, source: str, name: str) -> list[int]:
-    tokens = END_OF_TURN.get(name, [t for t in KNOWN_END_OF_TURN if t in source])
-    return [i for i in (tok.token_to_id(t) for t in tokens) if i is not None]
+def template_for(option: str | None, tok, model_dir: str) -> tuple[str, str]:
+    """(Jinja source, what it is called): ``chat.choose_template``'s choice (--template, the directory's
+    own, the vocabulary's built-in, the family record's ``chat_template``), said once when it is a built-in."""
+    given = option
+    if option is not None and option not in BUILTIN_TEMPLATES and "{" not in option:
+        if not Path(option).is_file():
+            raise LmzooError(f"--template '{option}' is neither a built-in ({', '.join(sorted(BUILTIN_TEMPLATES))}) "
+                             "nor a file, nor Jinja source")
+        given = Path(option).read_text(encoding="utf-8")
+    try:
+        chosen = choose_template(tok, given, default=family_of(model_dir).chat_template or None)
+    except ConfigError as e:
+        where = f"'{model_dir}' has no chat template, and the " if option is None and not tok.chat_template else "the "
+        raise LmzooError(f"{where}{e}; pass --template ({', '.join(sorted(BUILTIN_TEMPLATES))}, a Jinja file or source)") from None
+    name = builtin_name(chosen)
+    if name is not None:
+        if option is None and not tok.chat_template:
+            print(f"note: '{model_dir}' has no chat template; using the built-in '{name}'", file=sys.stderr)
+        return BUILTIN_TEMPLATES[name], name
+    if option is not None and given != option:  # a file
+        return chosen, option
+    return chosen, "the directory's own" if option is None else "--template"
 
 
 # -- a conversation -----------------------------------------------------------------------------
@@ -226,7 +208,7 @@ def run(args) -> int:
     if tok is None:
         raise LmzooError(f"'{args.model}' holds no tokenizer (tokenizer.json, tokenizer.model, vocab.json + "
                          "merges.txt, vocab.txt or *.tiktoken); chat needs one to read and write text")
-    source, name = choose_template(args.template, tok, args.model)
+    source, name = template_for(args.template, tok, args.model)
     probe = [{"role": "user", "content": "hi"}]
     tok.apply_chat_template(([{"role": "system", "content": args.system}] if args.system else []) + probe,
                             add_generation_prompt=True, template=source)  # a broken template fails before loading
@@ -238,7 +220,7 @@ def run(args) -> int:
         if context is not None and args.max_new_tokens >= context:
             raise LmzooError(f"--max-new-tokens {args.max_new_tokens} leaves no room for a message in the model's "
                              f"context of {context} tokens")
-        stop = list(dict.fromkeys(_eos_ids(model, tok) + end_of_turn_ids(tok, source, name)))
+        stop = list(dict.fromkeys(_eos_ids(model, tok) + stop_ids(tok, source)))
         sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                         repetition_penalty=args.repetition_penalty)
         chat = Chat(model, tok, source, system=args.system, stop=stop, context=context,

@@ -52,6 +52,9 @@ class Family:
     # (config, checkpoint keys) -> config: settles what config.json cannot say, e.g. which heads a BERT
     # checkpoint carries or whether a T5 file has its own lm_head; lmzoo.load calls it before building.
     resolve: Callable[[object, set], object] | None = None
+    # Decoders: the built-in chat template (lmzoo.tokenizers.chat) the family's chat checkpoints use when the
+    # tokenizer has none and its vocabulary names none; "" falls back to ChatML.
+    chat_template: str = ""
     # Image families: the preprocessing their checkpoints were trained with (``lmzoo.vision.PROCESSORS[name]``).
     image_processor: ImageProcessor | None = None
 

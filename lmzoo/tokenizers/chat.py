@@ -131,15 +131,30 @@ def template_info(name: str) -> TemplateInfo:
     return TEMPLATE_INFO[name]
 
 
+# A vocabulary that holds the special tokens of exactly one of these built-ins was made for it (ChatGLM2's
+# [gMASK] <sop> are not asked: ChatGLM3's vocabulary has them too).
+VOCABULARY_ORDER = ("llama3", "chatml", "chatglm3")
+
+
 def choose_template(tok, template: str | None = None, default: str | None = None) -> str:
     """The template to use (a built-in name or Jinja source): ``template`` when given (``--template``),
-    else the tokenizer's own, else ``default`` (the family record's ``chat_template``), else ChatML."""
+    else the tokenizer's own, else the built-in whose special tokens the vocabulary holds, else
+    ``default`` (the family record's ``chat_template``), else ChatML. A built-in whose tokens the
+    tokenizer lacks is refused here, naming them and the built-ins that would fit."""
     if template:
         resolve_template(template)  # an unknown name fails here, before any data is read
-        return template
-    if tok.chat_template:
+        chosen = template
+    elif tok.chat_template:
         return tok.chat_template
-    return default or DEFAULT_TEMPLATE
+    else:
+        found = [n for n in VOCABULARY_ORDER if TEMPLATE_INFO[n].special_tokens and not missing_tokens(tok, n)]
+        chosen = found[0] if len(found) == 1 else default or DEFAULT_TEMPLATE  # one match, or it says nothing
+    missing = missing_tokens(tok, chosen)
+    if missing:
+        fits = [n for n in TEMPLATE_INFO if not missing_tokens(tok, n)]
+        raise ConfigError(f"chat template {builtin_name(chosen)!r} writes {missing}, which this tokenizer does not "
+                          f"have; choose one it can render ({fits or 'none'}), or give the tokenizer a chat_template")
+    return chosen
 
 
 def builtin_name(template: str) -> str | None:

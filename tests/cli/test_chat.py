@@ -192,7 +192,7 @@ def test_errors(chat_dir, tmp_path, capsys):
         (["--model", str(untemplated), "--prompt", "hi"], "pass --template"),
         (["--model", str(chat_dir), "--template", "nosuch", "--prompt", "hi"], "neither a built-in"),
         (["--model", str(chat_dir), "--template", "{% if %}", "--prompt", "hi"], "does not compile"),
-        (["--model", str(chat_dir), "--template", "chatglm2", "--system", "x", "--prompt", "hi"], "alternating"),
+        (["--model", str(chat_dir), "--template", "chatglm2", "--system", "x", "--prompt", "hi"], "does not have"),
         (["--model", str(chat_dir), "--max-new-tokens", str(CONTEXT), "--prompt", "hi"], "leaves no room"),
         (["--model", str(chat_dir), "--top-p", "2", "--prompt", "hi"], "--top-p must be in (0, 1]"),
         (["--model", str(chat_dir), "--prompt", "床前明月光" * 60], "exceeds the model's context"),

@@ -255,3 +255,15 @@ def test_choose_template_missing_tokens_and_stops(all_templates_tok):
     assert stop_ids(tok, "llama2") == [tok.eos_id]
     assert stop_ids(tok, BUILTIN_TEMPLATES["chatml"]) == [tok.eos_id, tok.token_to_id("<|im_end|>")]  # by source
     assert stop_ids(tok, "{{ messages }}") == [tok.eos_id] and missing_tokens(plain, "{{ messages }}") == []
+
+
+def test_a_vocabulary_made_for_one_template_names_it(tmp_path):
+    from lmzoo.tokenizers.chat import choose_template
+
+    texts = ["你好 hello world"] * 20
+    qwen_like = lmzoo.train_tokenizer("bpe", texts=texts, vocab_size=300,
+                                      special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    assert choose_template(qwen_like, default="llama2") == "chatml"  # its own tokens say ChatML
+    plain = lmzoo.train_tokenizer("bpe", texts=texts, vocab_size=300, special_tokens=["<|endoftext|>"])
+    with pytest.raises(ConfigError, match=r"'chatml' writes \['<\|im_start\|>', '<\|im_end\|>'\]"):
+        choose_template(plain)  # the fallback, ChatML, cannot be rendered without its tokens

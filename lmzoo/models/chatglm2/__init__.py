@@ -10,6 +10,7 @@ FAMILY = Family(
     claims=claims, hf_architecture="GlmForCausalLM", presets=PRESETS,
     pretrain_objective="causal_lm", width_fields=("d_ff",), cache_free_fields={"d_ff": 32},
     description="partial interleaved RoPE, RMSNorm, SwiGLU, GQA (2 groups), q/k/v bias",
+    chat_template="chatglm2",  # ChatGLM3 checkpoints carry <|user|> <|assistant|>, which name chatglm3
     tokenizer="SentencePiece BPE", objective="next-token prediction (GLM's hybrid objective, causal attention)",
     inputs="token embeddings; RoPE on half of each head",
 )

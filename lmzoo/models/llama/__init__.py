@@ -11,5 +11,6 @@ FAMILY = Family(
     pretrain_objective="causal_lm", width_fields=("d_ff",), cache_free_fields={"d_ff": 32},
     description="RoPE, RMSNorm, SwiGLU, GQA",
     tokenizer="SentencePiece BPE with byte fallback (LLaMA-2); tiktoken byte-level BPE (LLaMA-3)",
+    chat_template="llama2",  # LLaMA-3 checkpoints ship their own template (and its header tokens name llama3)
     objective="next-token prediction (causal LM)", inputs="token embeddings; RoPE rotates q and k",
 )
