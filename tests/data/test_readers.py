@@ -92,11 +92,9 @@ def test_hf_save_to_disk_folders(tmp_path):
 
 
 def test_shared_corpora_read_when_present():
-    from pathlib import Path
+    from tests.shared_data import DATA, need
 
-    root = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "corpora"
-    if not root.is_dir():
-        pytest.skip(f"{root} is absent (the shared real corpora)")
+    root = need(DATA / "corpora")
     docs = list(read_documents(root / "zh" / "tang300.json", field="paragraphs"))
     assert len(docs) == len(json.loads((root / "zh" / "tang300.json").read_text(encoding="utf-8")))  # one per poem
     assert sum(len(d) for d in read_documents(root / "en" / "tinyshakespeare.txt")) > 1_000_000

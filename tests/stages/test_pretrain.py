@@ -14,11 +14,12 @@ import torch
 import lmzoo
 from lmzoo.errors import ConfigError
 from lmzoo.stages import pretrain
+from tests.shared_data import DATA, need
 from lmzoo.train.checkpoint import load_model_weights
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
-CORPUS = ROOT.parent / "shared" / "data" / "corpora" / "en" / "tinyshakespeare.txt"
+CORPUS = DATA / "corpora" / "en" / "tinyshakespeare.txt"
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +127,8 @@ def test_one_integer_rule_for_every_section(family, dotted, value):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not CORPUS.exists(), reason=f"{CORPUS} is absent (the shared corpora are not on this machine)")
 def test_loss_falls_below_the_unigram_baseline_on_tinyshakespeare(tmp_path, cache):
+    need(CORPUS)
     from lmzoo.data import split_tokens, tokenize_files
     from lmzoo.data.baselines import unigram_cross_entropy
 
