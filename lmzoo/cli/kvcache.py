@@ -48,7 +48,7 @@ HELP = "KV-cache bytes of a model: formula per layer and total, checked against 
 class CacheShape:
     """What one layer caches per token."""
 
-    kind: str  # MHA | GQA-g | MQA | MLA
+    kind: str  # MHA | GQA (g groups) | MQA | MLA
     values: int  # values per token
     formula: str  # symbols, per token and layer
     numbers: str  # the same with this layer's numbers
@@ -62,7 +62,9 @@ def _attention_shape(a: Attention) -> CacheShape:
         return CacheShape("MHA", 2 * n_kv * d, "2 · n_h · d_h", f"2 · {n_kv} · {d}", a.n_heads, d)
     if n_kv == 1:
         return CacheShape("MQA", 2 * d, "2 · d_h", f"2 · {d}", a.n_heads, d)
-    return CacheShape(f"GQA-{a.n_heads // n_kv}", 2 * n_kv * d, "2 · n_g · d_h", f"2 · {n_kv} · {d}", a.n_heads, d)
+    # named by its n_g K/V groups, the n_g of the formula beside it (the GQA paper's GQA-G), not by
+    # the query heads per group that Attention.kind counts (llama3-8b: 8 groups of 4)
+    return CacheShape(f"GQA ({n_kv} groups)", 2 * n_kv * d, "2 · n_g · d_h", f"2 · {n_kv} · {d}", a.n_heads, d)
 
 
 def _mla_shape(a: MLA) -> CacheShape:

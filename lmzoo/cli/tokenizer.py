@@ -45,7 +45,7 @@ def add_arguments(p) -> None:
     e.add_argument("--add-special-tokens", action="store_true")
     e.add_argument("--flavor", help="override the guessed flavor (chatglm-6b, chatglm2, chatglm3, qwen, ...)")
 
-    c = sub.add_parser("compare", help="the seed's comparison table on your Chinese and English text",
+    c = sub.add_parser("compare", help="compare tokenizers on your Chinese and English text (tokens per character/word, bytes, speed, unknowns)",
                        formatter_class=fmt, description="Prints a markdown table and saves it with a PNG chart.")
     c.add_argument("tokenizers", nargs="+", metavar="TOKENIZER", help="path or name=path")
     c.add_argument("--zh", required=True, nargs="+", help="Chinese text file(s)")

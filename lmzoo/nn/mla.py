@@ -111,7 +111,11 @@ class MLA(nn.Module):
         return q.view(B, T, self.n_heads, self.qk_head_dim).transpose(1, 2)  # (B, H, T, d_h + d_h^R)
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
+        w = self.kv_b_proj.weight
+        lora = getattr(self.kv_b_proj, "lora", None)
+        if lora is not None and not lora.merged:  # an unmerged LoRA adapter (lmzoo/peft): W + s·BA, as forward() sees it
+            w = w + lora.delta_weight().to(w.dtype)
+        w = w.view(self.n_heads, self.nope_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, d_h, d_c), (H, d_v, d_c)
 
     def forward(self, x: torch.Tensor, inp: AttnInputs, layer_idx: int = 0) -> torch.Tensor:

@@ -38,6 +38,30 @@ from lmzoo.quant.uniform import IntWeights, n_groups
 Plain = dict[str, tuple[torch.Tensor, int | None]]  # name -> (tensor, axis of output rows or None if shared)
 
 
+class _FrozenDequantMatmul(torch.autograd.Function):
+    """y = x Wᵀ, W = module.dequantize(): the gradient goes to x only, and W is dequantized again in
+    backward instead of being kept from forward, so a frozen 4-bit base holds no float copy of its
+    weights between the passes (QLoRA, lmzoo/peft)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return F.linear(x, module.dequantize(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad @ ctx.module.dequantize(grad.dtype), None  # (..., out) @ (out, in)
+
+
+def frozen_dequant_linear(x: torch.Tensor, module: "QuantLinear") -> torch.Tensor:
+    """x Wᵀ + b through ``module.dequantize``, differentiable in x (x / input_scale first where there is one)."""
+    scale = getattr(module, "input_scale", None)
+    if scale is not None:
+        x = x / scale.to(x.dtype)
+    out = _FrozenDequantMatmul.apply(x, module)
+    return out + module.bias.to(x.dtype) if module.bias is not None else out
+
+
 class QuantLinear(nn.Module):
     """What the quantized linears share: shapes, bias, the forward through ``dequantize``."""
 
@@ -58,6 +82,8 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # adapters train through this frozen base (lmzoo/peft)
+            return frozen_dequant_linear(x, self)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantize(x.dtype), bias)
 

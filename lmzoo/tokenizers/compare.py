@@ -89,6 +89,7 @@ def plot(stats: list[TokenizerStats], path) -> Path:
         ax.bar_label(bars, fmt="%.2f" if field != "fallback_share" else "%.3f", fontsize=8)
         ax.set_title(title, fontsize=10)
         ax.margins(y=0.15)
+        ax.set_ylim(bottom=0)  # every ratio is >= 0; an all-zero panel (no unknowns) would autoscale to ±0.06
         ax.tick_params(axis="x", labelrotation=30, labelsize=8)
     fig.tight_layout()
     path = Path(path)

@@ -41,7 +41,11 @@ def test_formula_equals_measured_bytes_for_every_family(family):
 def test_known_formulas_by_hand():
     r = kvcache.account("llama2-70b", tokens=1000, batch=3, dtype="fp16", measured=False)
     assert r["formula_bytes"] == 2 * 8 * 128 * 1000 * 80 * 3 * 2  # GQA: 2·n_g·d_h·n_tokens·layers
-    assert r["groups"][0]["shape"].kind == "GQA-8"
+    assert r["groups"][0]["shape"].kind == "GQA (8 groups)"
+    # llama3-8b: 32 query heads in 8 K/V groups of 4; the label names the 8 of n_g, which the line
+    # "GQA-4, 2 · n_g · d_h = 2 · 8 · 128" used to contradict
+    shape = kvcache.account("llama3-8b", tokens=16, measured=False)["groups"][0]["shape"]
+    assert shape.kind == "GQA (8 groups)" and shape.numbers == "2 · 8 · 128"
     r = kvcache.account("deepseek-v2", tokens=1000, batch=1, dtype="bf16", measured=False)
     assert r["formula_bytes"] == (512 + 64) * 1000 * 60 * 2  # MLA: (d_c + d_h^R)·n_tokens·layers
     assert r["groups"][0]["shape"].formula == "(d_c + d_h^R)"

@@ -18,6 +18,12 @@ def test_subcommands_have_help(capsys):
         with pytest.raises(SystemExit) as e:
             main(["tokenizer", sub, "--help"])
         assert e.value.code == 0 and f"usage: lmzoo tokenizer {sub}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["tokenizer", "--help"])
+    listing = capsys.readouterr().out
+    # compare's one-line help says what it measures (it read "the seed's comparison table", a name
+    # from the project's notes that means nothing to a user)
+    assert "compare tokenizers on your Chinese and English text" in listing and "seed" not in listing
 
 
 def test_train_encode_compare(tmp_path, capsys):

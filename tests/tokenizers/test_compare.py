@@ -62,3 +62,20 @@ def test_one_cell_recomputed_with_tiktoken(table):
     lines = sample_texts(read_texts(CORPORA / "en" / "tinyshakespeare.txt"), 12000)
     expected = sum(len(enc.encode_ordinary(t)) for t in lines) / sum(len(t.split()) for t in lines)
     assert rows["gpt2"]["en_tokens_per_word"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_chart_axes_start_at_zero_even_when_a_panel_is_all_zero(tmp_path, monkeypatch):
+    """No tokenizer falls back to unknowns here: that panel's bars are all 0, and its axis must still
+    run from 0 up (it autoscaled to -0.06..0.06 before, drawing a negative share)."""
+    import matplotlib.pyplot as plt
+
+    from lmzoo.tokenizers.compare import TokenizerStats, plot
+
+    stats = [TokenizerStats("a", 500, 1.05, 1.78, 2.85, 2.99, 13.0, 0.0),
+             TokenizerStats("b", 500, 0.60, 2.54, 4.97, 2.10, 16.0, 0.0)]
+    saved = []
+    monkeypatch.setattr(plt, "close", lambda fig: saved.append(fig))  # keep the figure to read its axes
+    assert plot(stats, tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+    lows_highs = [ax.get_ylim() for ax in saved[0].axes]
+    assert len(lows_highs) == 4 and all(lo == 0 and hi > 0 for lo, hi in lows_highs), lows_highs
+    assert lows_highs[1][1] > 2.54  # the margin above the tallest bar is kept
