@@ -76,7 +76,7 @@ def main() -> int:
     p.add_argument("--n-calib", type=int, default=32)
     a = p.parse_args()
     if ts.corpus_path() is None:
-        print(f"corpus not found: {ts.CORPUS}", file=sys.stderr)
+        print(ts.missing_corpus(), file=sys.stderr)
         return 2
     if a.threads:
         torch.set_num_threads(a.threads)

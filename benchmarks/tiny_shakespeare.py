@@ -32,6 +32,12 @@ def corpus_path() -> Path | None:
     return CORPUS if CORPUS.exists() else None
 
 
+def missing_corpus() -> str:
+    """The one line a benchmark prints when the corpus is not where it looked (a clone without ../shared/data)."""
+    return (f"corpus not found: {CORPUS}; set LMZOO_SHARED_DATA=/path/to/data, the folder that holds "
+            "corpora/en/tinyshakespeare.txt")
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table (what byte-level BPE vocabularies spell)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -112,7 +118,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     if corpus_path() is None:
-        raise SystemExit(f"corpus not found: {CORPUS}")
+        raise SystemExit(missing_corpus())
     print(train(a.out, d_model=a.d_model, n_layers=a.n_layers, n_heads=a.n_heads, d_ff=a.d_ff, seq_len=a.seq_len,
                 batch=a.batch, steps=a.steps, lr=a.lr, seed=a.seed, log_every=50))
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lmzoo.cli.common import add_model_argument, family_of, require_decoder, resolve_model
+from lmzoo.cli.common import DECODER_SHAPES, add_model_argument, family_of, require_decoder, resolve_model
 from lmzoo.cli.generate import TextStream, _eos_ids, _tokenizer, check_settings
 from lmzoo.errors import LmzooError
 from lmzoo.generate import stream
@@ -47,7 +47,7 @@ DEFAULT_MAX_NEW_TOKENS = 256
 
 
 def add_arguments(p) -> None:
-    add_model_argument(p)
+    add_model_argument(p, shapes=DECODER_SHAPES)
     p.add_argument("--template", help=f"chat template: a built-in ({', '.join(sorted(BUILTIN_TEMPLATES))}), a "
                                       "Jinja file or Jinja source (default: the directory's own)")
     p.add_argument("--system", help="system prompt")

@@ -16,10 +16,13 @@ from lmzoo.models.registry import Family, family_for_hf, presets
 DECODER_SHAPES = ("causal decoder", "prefix decoder", "encoder-decoder")
 
 
-def add_model_argument(p, required: bool = True) -> None:
+def add_model_argument(p, required: bool = True, shapes: tuple[str, ...] | None = None) -> None:
+    """``--model``; its help lists the presets whose ``Family.shape`` is in ``shapes`` (None: every preset),
+    so a command that refuses encoders (``DECODER_SHAPES``) does not offer them."""
+    names = sorted(n for n, (fam, _) in presets().items() if shapes is None or fam.shape in shapes)
     p.add_argument("--model", required=required,
                    help="a checkpoint directory (Hugging Face layout) or a preset name "
-                        f"({', '.join(sorted(presets()))}); a preset gets random weights")
+                        f"({', '.join(names)}); a preset gets random weights")
     add_memory_argument(p)
 
 

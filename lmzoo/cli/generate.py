@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 import lmzoo
-from lmzoo.cli.common import add_model_argument, require_decoder, resolve_model
+from lmzoo.cli.common import DECODER_SHAPES, add_model_argument, require_decoder, resolve_model
 from lmzoo.errors import LmzooError
 from lmzoo.generate.sampling import LogitsProcessor
 
@@ -27,7 +27,7 @@ HELP = "generate text or token ids with the KV cache (greedy or sampled, streame
 
 
 def add_arguments(p) -> None:
-    add_model_argument(p)
+    add_model_argument(p, shapes=DECODER_SHAPES)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (needs a tokenizer in the model directory)")
     src.add_argument("--ids", help="prompt as space-separated token ids")

@@ -25,7 +25,8 @@ HELP = "pretrain a model from a YAML config (tokenizer, data, objective, the tra
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--config", required=True, help="a run config, e.g. configs/llama/tiny.yaml")
+    p.add_argument("--config", required=True, help="a run config file, or a shipped one by name from any folder: "
+                   "configs/llama/tiny.yaml, llama/tiny (lmzoo.configs)")
     p.add_argument("--data", nargs="+", metavar="FILE", help="training files (.txt, .jsonl, .json, .parquet, a "
                    "datasets folder); default: the config's, else the built-in corpus")
     p.add_argument("--field", help="the text field of JSONL/Parquet records")
@@ -62,7 +63,10 @@ def run(args) -> int:
     from lmzoo.errors import ConfigError
     from lmzoo.stages import pretrain
 
-    cfg = pretrain.load_config(args.config)
+    config = resolve_config(args.config)
+    if not Path(args.config).exists():
+        print(f"lmzoo pretrain: {args.config} is not here; using the shipped {config}", file=sys.stderr)
+    cfg = pretrain.load_config(config)
     if args.init_from:  # the checkpoint is the architecture: the file's model fields and tokenizer training go
         cfg["model"] = {"init_from": args.init_from}
         cfg["tokenizer"] = {k: v for k, v in (cfg.get("tokenizer") or {}).items() if k == "path"}
@@ -86,7 +90,7 @@ def run(args) -> int:
             warnings.showwarning = lambda message, *_a, **_k: print(f"lmzoo pretrain: warning: {message}",
                                                                      file=sys.stderr)
             res = pretrain.run(cfg, out, resume=args.resume, resume_or_start=args.resume_or_start,
-                               source=args.config)
+                               source=str(config))
     except TrainingInterrupted as e:
         if _is_main():
             where = f"checkpoint {e.checkpoint}" if e.checkpoint else "no checkpoint written"
@@ -108,6 +112,26 @@ def run(args) -> int:
         print(f"trained {res.train.step} steps{tail}; final model in {res.final_dir}", file=sys.stderr)
         print(res.final_dir)
     return 0
+
+
+def resolve_config(given: str) -> Path:
+    """The file ``--config`` names: the path itself when it exists, else the shipped config it spells
+    (``configs/<family>/<name>.yaml``, ``<family>/<name>[.yaml]``, read with ``lmzoo.configs.path``),
+    so the README's commands work from any folder on an installed lmzoo."""
+    from lmzoo import configs
+    from lmzoo.errors import ConfigError
+
+    path = Path(given)
+    if path.exists():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    if len(parts) == 2 and path.suffix in ("", ".yaml"):
+        family, name = parts[0], Path(parts[1]).stem
+        if family in configs.shipped() and name in configs.shipped()[family]:
+            return configs.path(family, name)
+    names = sorted(f"{f}/{n}" for f, ns in configs.shipped().items() for n in ns)
+    raise ConfigError(f"{given}: cannot read the run config (no such file, nor a shipped config); "
+                      f"shipped, by name: {', '.join(names)}")
 
 
 def _is_main() -> bool:

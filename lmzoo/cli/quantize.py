@@ -208,11 +208,22 @@ def _texts(args, vocab: int, needs_calib: bool, needs_eval: bool):
         eval_ids = read_ids(args.eval, args.model) if args.eval else ids[n_calib:]
         ids = ids[:n_calib]
         source = f"calibration: no --calib, so {BUILTIN}, its first {len(ids)} tokens" + (
-            "" if args.eval else f"; held-out: the {len(eval_ids)} tokens after them")
+            "" if args.eval else f"; held-out: {_held_out(len(eval_ids), args.calib_len, args.eval_windows)}")
     if args.eval:
         source += f"; held-out: {args.eval} ({len(eval_ids)} tokens)"
     calib, held = split_ids(ids, eval_ids, args.n_calib, args.calib_len, args.seed, vocab)
     return calib, held, source
+
+
+def _held_out(n_tokens: int, seq_len: int, max_windows: int) -> str:
+    """The held-out tokens the report reads: perplexity's whole windows of ``min(seq_len, n - 1)`` tokens
+    (it wants one token past the last window, so the built-in text takes windows · seq_len + 1)."""
+    seq = min(seq_len, n_tokens - 1)
+    if seq < 1:
+        return f"the {n_tokens} tokens after them"
+    n = (n_tokens - 1) // seq
+    n = min(n, max_windows) if max_windows else n
+    return f"the {n * seq} tokens after them ({n} windows of {seq})"
 
 
 def run(args) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from lmzoo.errors import LmzooError
@@ -72,6 +73,9 @@ def _train(args) -> int:
                           sentinels=args.sentinels, chat_template=args.chat_template)
     out = tok.save(args.out)
     print(f"wrote {out / 'tokenizer.json'}: {args.kind}, {tok.vocab_size:,} tokens, specials {tok.roles}")
+    if tok.vocab_size < args.vocab_size:  # the trainers stop when no pair or piece is frequent enough to add
+        print(f"lmzoo tokenizer: note: the corpus supports only {tok.vocab_size:,} tokens; asked for "
+              f"{args.vocab_size:,} (more text, or a lower --min-frequency, gives more)", file=sys.stderr)
     return 0
 
 

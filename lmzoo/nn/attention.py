@@ -150,7 +150,8 @@ class Attention(nn.Module):
     def kind(self) -> str:
         if self.n_kv_heads == self.n_heads:
             return "MHA"
-        return "MQA" if self.n_kv_heads == 1 else f"GQA-{self.n_heads // self.n_kv_heads}"
+        # GQA-G is named by its G groups, one per K/V head (Ainslie et al. 2023), not by the query heads per group
+        return "MQA" if self.n_kv_heads == 1 else f"GQA-{self.n_kv_heads}"
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         """This layer's cache per token: K and V, n_kv_heads · head_dim each."""

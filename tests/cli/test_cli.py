@@ -29,6 +29,8 @@ def test_zoo_lists_every_family_from_the_registry(capsys):
     assert by["llama2-7b"]["kv_bytes_per_token"] == 2 * 32 * 128 * 32 * 2
     assert by["llama2-70b"]["kv_bytes_per_token"] == 2 * 8 * 128 * 80 * 2
     assert by["llama2-70b"]["attention"].startswith("GQA-8")
+    # GQA-G counts the G K/V groups (the GQA paper; lmzoo kvcache's "GQA (8 groups)"), not query heads per group
+    assert by["llama3-8b"]["attention"] == "GQA-8 (32q/8kv)" and by["chatglm2-6b"]["attention"] == "GQA-2 (32q/2kv)"
 
 
 def test_one_main_job_and_no_demo_command(capsys):
@@ -135,6 +137,24 @@ def test_encoders_are_refused_as_not_decoders(argv, what, capsys, monkeypatch):
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"lmzoo {argv[0]}: error: '{argv[2]}' is {what}, not a decoder") and err.count("\n") == 1
+
+
+def test_model_help_lists_only_the_presets_the_command_takes(capsys, monkeypatch):
+    import re
+
+    from lmzoo.models.registry import presets
+
+    monkeypatch.setenv("COLUMNS", "100000")  # one line per option: no preset name wrapped at its hyphen
+    listed = {}
+    for cmd in ("generate", "chat", "convert"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        listed[cmd] = set(re.search(r"or a preset name \(([^)]*)\)", capsys.readouterr().out)[1].split(", "))
+    encoders = {n for n, (fam, _) in presets().items() if fam.name in ("bert", "vit", "clip")}
+    assert {"bert-base-uncased", "vit-base-patch16-224", "clip-vit-base-patch32"} <= encoders
+    assert listed["convert"] == set(presets())  # convert writes any family
+    for cmd in ("generate", "chat"):  # they refuse encoders (the test above), so they do not offer them
+        assert listed[cmd] == set(presets()) - encoders and {"gpt2", "t5-small", "chatglm-6b"} <= listed[cmd]
 
 
 def test_broken_pipe_exits_quietly():

@@ -68,6 +68,25 @@ def test_errors_are_one_line_with_the_cause(corpus, tmp_path, capsys):
     assert "expected SECTION.KEY=VALUE" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("given", ["configs/llama/tiny.yaml", "llama/tiny", "llama/tiny.yaml"])
+def test_a_shipped_config_is_found_from_any_folder(given, corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the name resolves to the package's file
+    args = _args(corpus, tmp_path / "run", tmp_path / "cache", "--steps", "1", "--save-every", "1")
+    args[args.index(CONFIG)] = given
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"using the shipped {Path(CONFIG).resolve()}") == 1
+    assert lmzoo.load(tmp_path / "run" / "final").config.n_kv_heads == 2  # llama/tiny.yaml's model
+
+
+def test_a_missing_config_names_the_path_and_the_shipped_ones(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--config", "configs/llama/huge.yaml"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("lmzoo") and "configs/llama/huge.yaml: cannot read the run config" in err
+    assert "llama/tiny" in err and "gpt2/tiny" in err and len(err.splitlines()) == 1
+
+
 @pytest.mark.slow
 def test_torchrun_fsdp_follows_the_one_process_run(corpus, tmp_path):
     common = ["--steps", "4", "--set", "train.log_every=1", "--set", "train.save_every=2"]

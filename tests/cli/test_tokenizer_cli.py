@@ -32,7 +32,7 @@ def test_train_encode_compare(tmp_path, capsys):
     assert main(["tokenizer", "train", "--kind", "sp-bpe", "--files", str(corpus), "--vocab-size", "600",
                  "--special-tokens", "<|im_start|>", "<|im_end|>", "--chat-template", "chatml",
                  "--out", str(tmp_path / "tok")]) == 0
-    capsys.readouterr()
+    assert "note" not in capsys.readouterr().err  # the corpus had room for all 600
     tok = lmzoo.load_tokenizer(tmp_path / "tok")
     assert tok.vocab_size == 600 and tok.token_to_id("<|im_end|>") == 4 and "im_start" in tok.chat_template
     assert main(["tokenizer", "encode", str(tmp_path / "tok"), "--text", "床前明月光<|im_end|>"]) == 0
@@ -45,6 +45,17 @@ def test_train_encode_compare(tmp_path, capsys):
     assert main(["tokenizer", "train", "--kind", "bpe", "--files", str(tmp_path / "nope.txt"),
                  "--out", str(tmp_path / "x")]) == 1
     assert "no such file" in capsys.readouterr().err
+
+
+def test_train_says_when_the_corpus_supports_fewer_tokens_than_asked(tmp_path, capsys):
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("to be or not to be\n" * 50)  # a handful of words: far fewer than 32,000 merges
+    assert main(["tokenizer", "train", "--kind", "sp-bpe", "--files", str(corpus), "--vocab-size", "32000",
+                 "--out", str(tmp_path / "tok")]) == 0
+    n = lmzoo.load_tokenizer(tmp_path / "tok").vocab_size
+    assert 256 < n < 32000
+    assert capsys.readouterr().err == (f"lmzoo tokenizer: note: the corpus supports only {n:,} tokens; asked for "
+                                       "32,000 (more text, or a lower --min-frequency, gives more)\n")
 
 
 @pytest.mark.parametrize("name", ["llama2", "gpt2"])

@@ -46,7 +46,7 @@ def test_gqa_shares_kv_heads():
 
 def test_attention_module_kinds_and_validation():
     assert Attention(64, 8, 8).kind == "MHA"
-    assert Attention(64, 8, 2).kind == "GQA-4"
+    assert Attention(64, 8, 2).kind == "GQA-2"  # 2 groups (K/V heads) of 4 query heads, the GQA paper's GQA-2
     assert Attention(64, 8, 1).kind == "MQA"
     assert Attention(64, 8, 1).k_proj.weight.shape == (8, 64)
     with pytest.raises(ValueError, match="n_kv_heads"):

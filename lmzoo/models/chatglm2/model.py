@@ -5,7 +5,7 @@ diff from LLaMA:
   passes through unchanged;
 - the rotated half pairs adjacent channels (0,1), (2,3), ... (GPT-J's interleaved layout), where
   LLaMA pairs channel i with i + d/2;
-- "multi-query" attention with multi_query_group_num K/V heads (2 in every release: GQA-16);
+- "multi-query" attention with multi_query_group_num K/V heads (2 in every release: GQA-2);
 - a bias on q, k and v but none on the output projection or the MLP;
 - the head is never tied; GLM-4-9B's RMSNorm eps is 1.5625e-7.
 """

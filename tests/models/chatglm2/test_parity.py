@@ -205,4 +205,4 @@ def test_preset_sizes(preset, expected):
     c = model.config
     assert model.num_parameters() == expected
     assert expected == _count(c.vocab_size, c.d_model, c.n_layers, c.n_heads, c.n_kv_heads, c.head_dim, c.d_ff)
-    assert model.positions.rotary_dim == 64 and model.layers[0].attn.kind == "GQA-16"
+    assert model.positions.rotary_dim == 64 and model.layers[0].attn.kind == "GQA-2"
