@@ -51,15 +51,16 @@ def _translation(r: random.Random, lang: str) -> tuple[str, str]:
 
 
 def builtin_sft_data(n: int = 2000, seed: int = 0, lang: str = "mixed", n_eval: int = 200,
-                     translation_fraction: float = 0.25) -> BuiltinSFT:
+                     translation_fraction: float = 0.25, kinds="all", level: str = "full") -> BuiltinSFT:
     """``n`` training conversations and ``n_eval`` held-out tasks; ``lang`` is "en", "zh" or "mixed"
-    (the language of the instructions; translations always pair both)."""
+    (the language of the instructions; translations always pair both); ``kinds`` and ``level`` choose
+    the tasks (``lmzoo.data.tasks.make_tasks``)."""
     if lang not in ("en", "zh", "mixed"):
         raise LmzooError(f"lang must be 'en', 'zh' or 'mixed', got '{lang}'")
     if n < 1 or n_eval < 0:
         raise LmzooError(f"n must be at least 1 and n_eval at least 0, got n={n}, n_eval={n_eval}")
     r = random.Random(seed)
-    tasks = iter(make_tasks("all", 2 * n, seed=seed, lang=lang))
+    tasks = iter(make_tasks(kinds, 2 * n, seed=seed, lang=lang, level=level))
     train, train_tasks = [], []
     for _ in range(n):
         use = lang if lang != "mixed" else r.choice(("en", "zh"))
@@ -77,7 +78,7 @@ def builtin_sft_data(n: int = 2000, seed: int = 0, lang: str = "mixed", n_eval: 
     seen = {m["content"] for c in train for m in c if m["role"] == "user"}
     eval_tasks, k = [], 1
     while len(eval_tasks) < n_eval:  # fresh seeds until enough unseen prompts (nearly all are unseen)
-        for t in make_tasks("all", 2 * n_eval, seed=seed * 1_000_003 + k, lang=lang):
+        for t in make_tasks(kinds, 2 * n_eval, seed=seed * 1_000_003 + k, lang=lang, level=level):
             if t.prompt not in seen and len(eval_tasks) < n_eval:
                 seen.add(t.prompt)
                 eval_tasks.append(t)

@@ -35,8 +35,15 @@ class Task:
         return asdict(self)
 
 
-def _arith(op: str, fn: Callable[[int, int], int], hi: int):
-    def make(r: random.Random, lang: str) -> Task:
+# How large the numbers get: "full" is the default; "easy" keeps every answer a few tokens long, for
+# models small enough to finetune in seconds (tests, tiny demos).
+LEVELS = {"full": {"add": 999, "sub": 999, "mul": 99, "numeral": (99, 99999, 10 ** 9), "sort": (3, 8, 99)},
+          "easy": {"add": 20, "sub": 20, "mul": 9, "numeral": (99,), "sort": (3, 3, 9)}}
+
+
+def _arith(op: str, fn: Callable[[int, int], int], kind: str):
+    def make(r: random.Random, lang: str, level: dict) -> Task:
+        hi = level[kind]
         a, b = r.randint(0, hi), r.randint(0, hi)
         a, b = (max(a, b), min(a, b)) if op == "-" else (a, b)
         prompt = f"What is {a} {op} {b}?" if lang == "en" else f"计算 {a} {op} {b}。"
@@ -44,20 +51,28 @@ def _arith(op: str, fn: Callable[[int, int], int], hi: int):
     return make
 
 
-def _to_chinese(r: random.Random, lang: str) -> Task:
-    n = r.choice([r.randint(0, 99), r.randint(100, 99999), r.randint(10 ** 5, 10 ** 9)])
+def _number(r: random.Random, level: dict) -> int:
+    """0-99, 100-99999 or 10^5-10^9 with equal chance (the ranges the level allows)."""
+    bounds = level["numeral"]
+    k = r.randrange(len(bounds))
+    return r.randint(0 if k == 0 else bounds[k - 1] + 1, bounds[k])
+
+
+def _to_chinese(r: random.Random, lang: str, level: dict) -> Task:
+    n = _number(r, level)
     prompt = f"Write {n} in Chinese numerals." if lang == "en" else f"把 {n} 写成中文数字。"
     return Task("to_chinese", prompt, to_chinese(n), lang)
 
 
-def _from_chinese(r: random.Random, lang: str) -> Task:
-    n = r.choice([r.randint(0, 99), r.randint(100, 99999), r.randint(10 ** 5, 10 ** 9)])
+def _from_chinese(r: random.Random, lang: str, level: dict) -> Task:
+    n = _number(r, level)
     prompt = f"Write {to_chinese(n)} in digits." if lang == "en" else f"把 {to_chinese(n)} 写成阿拉伯数字。"
     return Task("from_chinese", prompt, str(n), lang)
 
 
-def _sort(r: random.Random, lang: str) -> Task:
-    xs = [r.randint(0, 99) for _ in range(r.randint(3, 8))]
+def _sort(r: random.Random, lang: str, level: dict) -> Task:
+    shortest, longest, hi = level["sort"]
+    xs = [r.randint(0, hi) for _ in range(r.randint(shortest, longest))]
     shown = " ".join(map(str, xs))
     prompt = f"Sort ascending: {shown}" if lang == "en" else f"从小到大排序：{shown}"
     return Task("sort", prompt, " ".join(map(str, sorted(xs))), lang)
@@ -74,18 +89,23 @@ def _ints(text: str) -> list[int]:
 
 # kind -> (generator, parse: text -> comparable value)
 TASKS: dict[str, tuple[Callable[[random.Random, str], Task], Callable[[str], object]]] = {
-    "add": (_arith("+", lambda a, b: a + b, 999), _int),
-    "sub": (_arith("-", lambda a, b: a - b, 999), _int),
-    "mul": (_arith("*", lambda a, b: a * b, 99), _int),
+    "add": (_arith("+", lambda a, b: a + b, "add"), _int),
+    "sub": (_arith("-", lambda a, b: a - b, "sub"), _int),
+    "mul": (_arith("*", lambda a, b: a * b, "mul"), _int),
     "to_chinese": (_to_chinese, from_chinese),
     "from_chinese": (_from_chinese, _int),
     "sort": (_sort, _ints),
 }
 
 
-def make_tasks(kind: str, n: int, seed: int = 0, lang: str = "mixed") -> list[Task]:
-    """``n`` tasks of ``kind`` (or ``"all"``: kinds in turn); ``lang`` is "en", "zh" or "mixed"."""
-    kinds = sorted(TASKS) if kind == "all" else [kind]
+def make_tasks(kind, n: int, seed: int = 0, lang: str = "mixed", level: str = "full") -> list[Task]:
+    """``n`` tasks of ``kind`` (a kind, a list of kinds, or ``"all"``: kinds in turn); ``lang`` is "en",
+    "zh" or "mixed"; ``level`` "full" or "easy" (small numbers, see ``LEVELS``)."""
+    if level not in LEVELS:
+        raise LmzooError(f"unknown task level '{level}'; known: {sorted(LEVELS)}")
+    kinds = sorted(TASKS) if kind == "all" else [kind] if isinstance(kind, str) else list(kind)
+    if not kinds:
+        raise LmzooError("make_tasks: no task kind given")
     for k in kinds:
         if k not in TASKS:
             raise LmzooError(f"unknown task kind '{k}'; known: {sorted(TASKS)} or 'all'")
@@ -95,7 +115,7 @@ def make_tasks(kind: str, n: int, seed: int = 0, lang: str = "mixed") -> list[Ta
     out = []
     for i in range(n):
         use = lang if lang != "mixed" else r.choice(("en", "zh"))
-        out.append(TASKS[kinds[i % len(kinds)]][0](r, use))
+        out.append(TASKS[kinds[i % len(kinds)]][0](r, use, LEVELS[level]))
     return out
 
 

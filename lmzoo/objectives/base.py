@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from lmzoo.errors import ConfigError, LmzooError
-from lmzoo.objectives import causal_lm, classification, glm, masked_lm, span_corruption
+from lmzoo.objectives import causal_lm, classification, glm, masked_lm, sft, span_corruption
 
 
 def _contrastive_step():
@@ -78,6 +78,7 @@ class Objective:
 
 OBJECTIVES: dict[str, Objective] = {o.name: o for o in [
     Objective("causal_lm", "next-token prediction (+ MoE balance loss)", causal_lm.make_step_fn),
+    Objective("sft", "supervised finetuning: next-token loss on the labelled (assistant) tokens only", sft.make_step_fn),
     Objective("masked_lm", "BERT: 15% masked (80/10/10) + next sentence prediction", lambda **kw: masked_lm.make_step_fn(),
               _bert_transform),
     Objective("span_corruption", "T5: sentinel spans, 15% noise, mean span 3",

@@ -46,7 +46,7 @@ from lmzoo.train import atomic, checkpoint
 from lmzoo.train.config import TrainConfig
 from lmzoo.train.distributed import (DistEnv, all_reduce, find_blocks, full_value, is_fsdp, setup, unwrap,
                                      wrap)
-from lmzoo.train.evaluate import count_tokens, evaluate, to_device
+from lmzoo.train.evaluate import count_tokens, evaluate, forked_rng, to_device
 from lmzoo.train.metrics import MetricsLog, plot_loss_curve
 from lmzoo.train.optim import build_optimizer, build_scheduler
 from lmzoo.train.precision import Precision
@@ -75,6 +75,7 @@ class TrainResult:
     resumed_from: Path | None = None
     skipped_steps: int = 0
     history: list[dict] = field(default_factory=list)  # this process's logged train records
+    initial_eval: dict = field(default_factory=dict)  # the eval hooks' metrics before the first step
 
 
 def seed_everything(seed: int) -> None:
@@ -98,13 +99,17 @@ def enable_activation_checkpointing(model: torch.nn.Module) -> int:
 class Trainer:
     def __init__(self, model: torch.nn.Module, batches: Iterator[dict], step_fn: Callable, cfg: TrainConfig,
                  out_dir: str | Path, *, eval_batches: Callable[[], Iterable[dict]] | None = None,
-                 bytes_per_token: float | None = None, env: DistEnv | None = None):
+                 bytes_per_token: float | None = None, env: DistEnv | None = None,
+                 eval_hooks: Iterable[Callable[[torch.nn.Module], dict]] = ()):
         for name in ("state_dict", "load_state_dict"):
             if not callable(getattr(batches, name, None)):
                 raise ConfigError(f"the batch iterator ({type(batches).__name__}) has no {name}(); the loop needs "
                                   "it to save and restore the exact data position")
         self.cfg, self.batches, self.step_fn = cfg, batches, step_fn
         self.eval_batches, self.bytes_per_token = eval_batches, bytes_per_token
+        # Evaluations a stage adds to the held-out loss (SFT's exact-match accuracy of greedy answers): each
+        # gets the unwrapped model in eval mode under no_grad and a forked RNG, and returns metrics to log.
+        self.eval_hooks = list(eval_hooks)
         self.env = env or setup(cfg.parallel, cfg.device)
         self.precision = Precision(cfg.precision, self.env.device)
         model.to(self.env.device)
@@ -159,6 +164,9 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic.clean_leftovers(self.ckpt_root)
         result.resumed_from = self._resume(start_if_missing) if resume else self._fresh_start()
+        if self.eval_hooks and self.step == 0:  # the starting point, so a stage shows what training changed
+            result.initial_eval = self.run_eval_hooks()
+            self.log.write({"split": "eval", "step": 0, **result.initial_eval})
         if env.is_main:
             atomic.write_json(self.out_dir / "run.json", {"train": cfg.to_dict(), "world_size": env.world_size,
                                                           "resumed_from": str(result.resumed_from or "")})
@@ -184,7 +192,7 @@ class Trainer:
                 self.log.write(rec)
                 result.history.append(rec)
                 result.loss = rec["loss"]
-            if self.eval_batches is not None and cfg.eval_every and self.step % cfg.eval_every == 0:
+            if self._evaluates and cfg.eval_every and self.step % cfg.eval_every == 0:
                 result.eval, last_eval_step = self._evaluate(bar), self.step
             if cfg.save_every and self.step % cfg.save_every == 0:
                 result.checkpoint, last_save_step = self.save(), self.step
@@ -195,7 +203,7 @@ class Trainer:
                 self.log.close()
                 raise TrainingInterrupted(self.step, result.checkpoint)
         bar.close()
-        if self.eval_batches is not None and last_eval_step != self.step:
+        if self._evaluates and last_eval_step != self.step:
             result.eval = self._evaluate(None)
         if last_save_step != self.step:
             result.checkpoint = self.save()
@@ -318,13 +326,37 @@ class Trainer:
 
     # -- evaluation and checkpoints --------------------------------------------------------------
     def _evaluate(self, bar) -> dict:
-        out = evaluate(self.model, self.eval_batches(), self.step_fn, device=self.env.device,
-                       autocast=self.precision.autocast, bytes_per_token=self.bytes_per_token)
+        out = {}
+        if self.eval_batches is not None:
+            out = evaluate(self.model, self.eval_batches(), self.step_fn, device=self.env.device,
+                           autocast=self.precision.autocast, bytes_per_token=self.bytes_per_token)
+        out.update(self.run_eval_hooks())
         if out:
             self.log.write({"split": "eval", "step": self.step, **out})
             if bar is not None and self.env.is_main and self.cfg.progress:
-                bar.write(f"step {self.step}: eval loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"
-                          + (f", {out['bpb']:.3f} bits/byte" if "bpb" in out else ""))
+                shown = [f"eval loss {out['loss']:.4f}, ppl {out['ppl']:.2f}"] if "loss" in out else []
+                shown += [f"{out['bpb']:.3f} bits/byte"] if "bpb" in out else []
+                shown += [f"{k} {v:.4g}" for k, v in out.items() if k not in ("loss", "ppl", "bpb", "tokens")
+                          and isinstance(v, (int, float))]
+                bar.write(f"step {self.step}: " + ", ".join(shown))
+        return out
+
+    @property
+    def _evaluates(self) -> bool:
+        return self.eval_batches is not None or bool(self.eval_hooks)
+
+    def run_eval_hooks(self) -> dict:
+        """Every eval hook's metrics, on the model as it is now (also callable before training starts)."""
+        if not self.eval_hooks:
+            return {}
+        model = getattr(self.model, "module", self.model)  # DDP wraps; hooks call the model itself
+        was_training = model.training
+        model.eval()
+        out = {}
+        with forked_rng(self.env.device), torch.no_grad(), self.precision.autocast():
+            for hook in self.eval_hooks:
+                out.update(hook(model))
+        model.train(was_training)
         return out
 
     def weights_finite(self) -> bool:

@@ -89,7 +89,11 @@ def test_every_shipped_tiny_decoder_config_is_covered():
 
     root = __import__("pathlib").Path(__file__).resolve().parents[2]
     decoders = set()
+    from lmzoo.models.registry import families
+
     for path in root.glob("configs/*/tiny.yaml"):
+        if path.parent.name not in families():  # configs/sft/ and other stages' folders
+            continue
         try:
             quantizable(lmzoo.build(_tiny(path.parent.name)))
             decoders.add(path.parent.name)
