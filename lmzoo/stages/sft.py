@@ -98,9 +98,9 @@ def load_model(model_dir: str | Path):
                           "final/)")
     model = lmzoo.load(model_dir, dtype="float32")
     fam = family_of(model.config)
-    if fam.shape != "causal decoder":
+    if fam.shape not in ("causal decoder", "prefix decoder"):
         raise ConfigError(f"--model {model_dir} is a {fam.name} {fam.shape}; lmzoo sft trains causal decoders "
-                          "(gpt2, llama, bloom, chatglm2, deepseek_v2)")
+                          "(gpt2, llama, bloom, chatglm2, deepseek_v2) and the prefix decoder (chatglm)")
     try:
         tok = lmzoo.load_tokenizer(model_dir)
     except ConfigError as e:
@@ -187,7 +187,7 @@ def run(cfg: dict, model_dir: str | Path, out_dir: str | Path, *, lora: bool = F
     """Finetune the decoder in ``model_dir`` as ``cfg`` says, into ``out_dir``."""
     from lmzoo.data.sft import sft_batches
     from lmzoo.objectives import make_step_fn
-    from lmzoo.tokenizers.chat import stop_ids
+    from lmzoo.tokenizers.chat import TEMPLATE_INFO, builtin_name, fold_system, stop_ids
 
     cfg = copy.deepcopy(cfg)
     check_config(cfg, source)
@@ -211,6 +211,14 @@ def run(cfg: dict, model_dir: str | Path, out_dir: str | Path, *, lora: bool = F
     if context and seq_len > context:
         raise ConfigError(f"data.seq_len {seq_len} is longer than the model's context of {context} tokens")
     train_convs, val_convs, eval_tasks = conversations(data, tcfg.seed)
+    info = TEMPLATE_INFO.get(builtin_name(template) or "")
+    if info is not None and not info.system:  # e.g. ChatGLM's formats: the system prompt joins the first question
+        train_convs, val_convs = [fold_system(c) for c in train_convs], [fold_system(c) for c in val_convs]
+    prefix = fam.shape == "prefix decoder"
+    if prefix and data.get("packing", True):  # its prefix is read off each row's [gMASK] <sop>: one per row
+        if env.is_main and data.get("packing") is not None:
+            print("lmzoo sft: a prefix decoder takes one conversation per row; packing is off", file=sys.stderr)
+        data["packing"] = False
     batch = data.get("batch_size", 16)
     if batch % env.world_size:
         raise ConfigError(f"data: batch_size {batch} (the global batch) is not divisible by {env.world_size} ranks")

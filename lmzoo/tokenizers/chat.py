@@ -82,6 +82,25 @@ BUILTIN_TEMPLATES = {
         "{% if not loop.last %}{{ '\\n\\n' }}{% endif %}"
         "{% endif %}"
         "{% endfor %}"),
+    # ChatGLM-6B's chat(): earlier rounds "[Round i]\n问：q\n答：a\n", the last question "[Round n]\n问：q\n答："
+    # (a lone question is just itself), then the tokenizer's [gMASK] <sop>; the answer and <eop> follow.
+    # Everything before <sop> is the prefix the model reads bidirectionally, so only the last answer is trained.
+    "chatglm": (
+        "{% set ns = namespace(round=0, last_user=-1, users=0) %}"
+        "{% for message in messages %}{% if message['role'] == 'user' %}"
+        "{% set ns.last_user = loop.index0 %}{% set ns.users = ns.users + 1 %}{% endif %}{% endfor %}"
+        "{% for message in messages %}"
+        "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}" + _alternate("chatglm") +
+        "{% endif %}"
+        "{% if message['role'] == 'user' %}"
+        "{% if ns.users == 1 %}{{ message['content'] }}"
+        "{% else %}{{ '[Round ' ~ ns.round ~ ']\n问：' + message['content'] + '\n答：' }}{% endif %}"
+        "{% if loop.index0 == ns.last_user %}{{ '[gMASK]<sop>' }}{% endif %}"
+        "{% set ns.round = ns.round + 1 %}"
+        "{% elif loop.last %}"
+        "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+        "{% else %}{{ message['content'] + '\n' }}{% endif %}"
+        "{% endfor %}"),
     "chatglm3": (
         "{{ '[gMASK]<sop>' }}"
         "{% for message in messages %}"
@@ -111,12 +130,14 @@ class TemplateInfo:
     special_tokens: tuple[str, ...]  # strings the template writes that must each be one id
     roles: tuple[str, ...]  # named special tokens it writes (bos_token, eos_token)
     stop_tokens: tuple[str, ...]  # end of a turn besides the tokenizer's eos
+    system: bool = True  # renders a system turn (ChatGLM-6B's and ChatGLM2's formats have none)
 
 
 TEMPLATE_INFO = {
     "llama2": TemplateInfo((), ("bos", "eos"), ()),
     "chatml": TemplateInfo(("<|im_start|>", "<|im_end|>"), (), ("<|im_end|>",)),
-    "chatglm2": TemplateInfo(("[gMASK]", "<sop>"), ("eos",), ()),
+    "chatglm2": TemplateInfo(("[gMASK]", "<sop>"), ("eos",), (), system=False),
+    "chatglm": TemplateInfo(("[gMASK]", "<sop>"), ("eos",), (), system=False),
     # ChatGLM3 ends a reply by naming the next speaker (its chat() stops at <|user|> and <|observation|>)
     "chatglm3": TemplateInfo(("[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>"), ("eos",),
                              ("<|user|>", "<|observation|>")),
@@ -155,6 +176,15 @@ def choose_template(tok, template: str | None = None, default: str | None = None
         raise ConfigError(f"chat template {builtin_name(chosen)!r} writes {missing}, which this tokenizer does not "
                           f"have; choose one it can render ({fits or 'none'}), or give the tokenizer a chat_template")
     return chosen
+
+
+def fold_system(conversation: list[dict]) -> list[dict]:
+    """For a template without a system turn: the system prompt goes in front of the first user message
+    (as LLaMA-Factory does for such formats); other conversations are returned as they are."""
+    if not conversation or conversation[0].get("role") != "system" or len(conversation) < 2:
+        return conversation
+    system, first, rest = conversation[0], conversation[1], conversation[2:]
+    return [{**first, "content": system["content"] + "\n\n" + first["content"]}, *rest]
 
 
 def builtin_name(template: str) -> str | None:

@@ -64,6 +64,7 @@ def test_cache_free_fields_leave_the_cache_unchanged(name):
 ALLOWED = {
     ("lmzoo/quant/registry.py", "clip"): "AWQ's clipping-search option, not the CLIP family",
     ("lmzoo/tokenizers/chat.py", "chatglm2"): "a chat template's name (the template ChatGLM2 ships)",
+    ("lmzoo/tokenizers/chat.py", "chatglm"): "a chat template's name (ChatGLM-6B's chat() prompt)",
     ("lmzoo/tokenizers/loading.py", "gpt2"): "a tokenizer file format: vocab.json + merges.txt",
     ("lmzoo/tokenizers/loading.py", "bert"): "a tokenizer file format: WordPiece vocab.txt",
     ("lmzoo/vision/demo.py", "vit"): "the table of demo runs behind `lmzoo train vit|clip`, by command name",

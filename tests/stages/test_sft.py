@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "configs" / "sft" / "tiny.yaml"
 TEXTS = ["What is 3 + 4? 7", "从小到大排序：3 1 2 -> 1 2 3", "Translate into Chinese: two", "把 5 写成中文数字。五",
          "hello world 你好 世界 " * 4, "0 1 2 3 4 5 6 7 8 9 十 百 千 万 一 二 三 四 五 六 七 八 九"] * 20
-SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = ["<s>", "</s>", "<pad>", "<|im_start|>", "<|im_end|>", "[MASK]", "[gMASK]", "<sop>", "<eop>"]
 
 
 def tiny_decoder(family: str, tok, **over):
@@ -30,10 +30,11 @@ def tiny_decoder(family: str, tok, **over):
     from lmzoo.stages.pretrain import model_config
 
     section = {k: v for k, v in yaml.safe_load((ROOT / "configs" / family / "tiny.yaml").read_text())["model"].items()
-               if not k.endswith("_token_id") and k != "init_std"}
-    section.update(vocab_size=tok.vocab_size, **over)
+               if k != "init_std" and not (k.endswith("_token_id") and tok.token_to_id(str(v)) is None)}
+    section.update(vocab_size=tok.vocab_size, **over)  # special tokens named as strings: looked up in ``tok``
+    for field, role in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "pad")):
+        section.setdefault(field, tok.special_id(role))
     _, cfg = model_config(section, tok)
-    cfg = cfg.replace(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     torch.manual_seed(0)
     return lmzoo.build(cfg)
 
@@ -87,10 +88,14 @@ def test_loss_by_hand_on_two_turns(tok, tmp_path):
 
 
 @pytest.mark.parametrize("family,mode", [("llama", "full"), ("gpt2", "lora"), ("bloom", "full"),
-                                         ("chatglm2", "lora"), ("deepseek_v2", "full"), ("llama", "qlora")])
+                                         ("chatglm2", "lora"), ("deepseek_v2", "full"), ("llama", "qlora"),
+                                         ("chatglm", "full"), ("chatglm", "lora")])
 def test_every_decoder_family_finetunes(family, mode, tok, tmp_path):
     model_dir = lmzoo.save(tiny_decoder(family, tok), tmp_path / "base", tokenizer=tok)
-    res = sft.run(small_cfg(steps=8), model_dir, tmp_path / "run", lora=mode == "lora", qlora=mode == "qlora")
+    cfg = small_cfg(steps=8)
+    if family == "chatglm":  # the prefix decoder: ChatGLM-6B's own chat format, one conversation per row
+        cfg["data"]["template"] = "chatglm"
+    res = sft.run(cfg, model_dir, tmp_path / "run", lora=mode == "lora", qlora=mode == "qlora")
     assert res.train.step == 8
     from lmzoo.train.metrics import read_metrics
 
@@ -106,7 +111,7 @@ def test_every_decoder_family_finetunes(family, mode, tok, tmp_path):
 
         base = lmzoo.load(model_dir)
         load_adapter(base, res.adapter_dir)
-        ids = torch.tensor([tok.encode("What is 3 + 4?")])
+        ids = torch.tensor([tok.encode("What is 3 + 4?") + tok.encode("[gMASK]<sop>")])  # GLM reads its prefix off them
         torch.testing.assert_close(final.eval()(ids).logits, base.eval()(ids).logits, atol=1e-4, rtol=1e-4)
         if mode == "qlora":  # the adapter trained on an NF4 base, merged into the float one
             cfg = json.loads((res.adapter_dir / "adapter_config.json").read_text())

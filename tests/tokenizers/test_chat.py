@@ -209,7 +209,8 @@ def all_templates_tok():
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))
 def test_every_builtin_ids_and_mask_equal_transformers(all_templates_tok, name):
     tok, ref = all_templates_tok("<|begin_of_text|>" if name == "llama3" else "<s>")
-    chats = [ROUNDS3, ROUNDS3[:4]] + ([] if name == "chatglm2" else [with_system(ROUNDS3), with_system(ROUNDS3[:2])])
+    no_system = name in ("chatglm2", "chatglm")
+    chats = [ROUNDS3, ROUNDS3[:4]] + ([] if no_system else [with_system(ROUNDS3), with_system(ROUNDS3[:2])])
     for chat in chats:
         enc = tok.apply_chat_template(chat, template=name)
         out = ref.apply_chat_template(chat, chat_template=BUILTIN_TEMPLATES[name], return_dict=True,
@@ -217,9 +218,10 @@ def test_every_builtin_ids_and_mask_equal_transformers(all_templates_tok, name):
         assert enc.text == ref.apply_chat_template(chat, chat_template=BUILTIN_TEMPLATES[name], tokenize=False)
         assert enc.ids == out["input_ids"]
         assert enc.assistant_mask == out["assistant_masks"]
-        # every assistant turn is trained: the mask has one run of ones per answer
+        # every assistant turn is trained: the mask has one run of ones per answer (ChatGLM-6B: the last
+        # answer only; the earlier rounds are the prefix it reads bidirectionally)
         runs = sum(1 for a, b in zip([0] + enc.assistant_mask, enc.assistant_mask) if b and not a)
-        assert runs == sum(m["role"] == "assistant" for m in chat)
+        assert runs == (1 if name == "chatglm" else sum(m["role"] == "assistant" for m in chat))
 
 
 def test_llama3_renders_as_metas_template(all_templates_tok):
@@ -267,3 +269,29 @@ def test_a_vocabulary_made_for_one_template_names_it(tmp_path):
     plain = lmzoo.train_tokenizer("bpe", texts=texts, vocab_size=300, special_tokens=["<|endoftext|>"])
     with pytest.raises(ConfigError, match=r"'chatml' writes \['<\|im_start\|>', '<\|im_end\|>'\]"):
         choose_template(plain)  # the fallback, ChatML, cannot be rendered without its tokens
+
+
+def _chatglm6b_prompt(history, query):
+    """ChatGLM-6B's chat() (THUDM's modeling_chatglm.py): the prompt its tokenizer then ends with [gMASK] <sop>."""
+    if not history:
+        return query
+    prompt = ""
+    for i, (old_query, response) in enumerate(history):
+        prompt += "[Round {}]\n问：{}\n答：{}\n".format(i, old_query, response)
+    return prompt + "[Round {}]\n问：{}\n答：".format(len(history), query)
+
+
+def test_chatglm6b_template_is_the_release_chat_prompt():
+    tok = lmzoo.train_tokenizer("bpe", texts=["你好 hello 问答 Round"] * 20, vocab_size=300,
+                                special_tokens=["[gMASK]", "<sop>", "<eop>"])
+    tok.set_special("eos", "<eop>")
+    rounds = [("你好", "你好！"), ("1 + 1 等于几？", "2"), ("再加 3 呢？", "5")]
+    for n in (1, 2, 3):
+        history, (query, answer) = rounds[: n - 1], rounds[n - 1]
+        msgs = [m for q, a in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+        msgs.append({"role": "user", "content": query})
+        text, _ = tok.render_chat(msgs, add_generation_prompt=True, template="chatglm")
+        assert text == _chatglm6b_prompt(history, query) + "[gMASK]<sop>"
+        full, spans = tok.render_chat(msgs + [{"role": "assistant", "content": answer}], template="chatglm")
+        assert full == text + answer + "<eop>"
+        assert [full[s:e] for s, e in spans] == [answer + "<eop>"]  # only the last answer is trained: the rest is prefix

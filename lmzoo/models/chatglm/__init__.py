@@ -10,6 +10,7 @@ FAMILY = Family(
     claims=claims, hf_architecture="ChatGLMModel", presets=PRESETS,
     pretrain_objective="glm", width_fields=("d_ff",), cache_free_fields={"d_ff": 32},
     description="prefix mask ([gMASK] ... <sop>), 2D RoPE, DeepNorm post-LN, GeLU MLP (GeGLU selectable)",
+    chat_template="chatglm",  # chat(): [Round i] 问：答：, then [gMASK] <sop> and the answer
     tokenizer="SentencePiece unigram (icetk)", objective="autoregressive blank infilling (GLM: [MASK]/[gMASK] spans)",
     inputs="token embeddings; 2D positions (position id + block position id)",
 )
