@@ -197,3 +197,25 @@ def test_builtin_sft_makes_a_pretrained_model_answer_better_and_chat_answers(tok
 
 SFT_STEPS = 400
 PRETRAIN_STEPS = 150
+
+
+def test_cli_resume_is_bitwise_the_uninterrupted_run(tok, tmp_path, capsys):
+    """`lmzoo sft --lora` resumed from its step-3 checkpoint (as after a crash) ends with the weights of the
+    uninterrupted 6-step run, bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    model_dir = lmzoo.save(tiny_decoder("llama", tok), tmp_path / "base", tokenizer=tok)
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(small_cfg(steps=6)), encoding="utf-8")
+    common = ["sft", "--model", str(model_dir), "--config", str(tmp_path / "sft.yaml"), "--lora", "--no-progress",
+              "--save-every", "3"]
+    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
+    shutil.copytree(tmp_path / "straight", tmp_path / "crashed")
+    for later in ("final", "adapter", "checkpoints/step_00000006"):  # what a crash after step 3 would not have
+        shutil.rmtree(tmp_path / "crashed" / later)
+    assert main([*common, "--out", str(tmp_path / "crashed"), "--resume"]) == 0
+    assert capsys.readouterr().out.strip().endswith("final")
+    for name in ("adapter/adapter_model.safetensors", "final/model.safetensors"):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "crashed" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
