@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 
-import lmzoo
 from lmzoo.cli.zoo import human, human_bytes
 from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.interop.checkpoint import as_dtype, build, read_hf_config

@@ -19,8 +19,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import yaml
-
 HELP = "pretrain a model from a YAML config (tokenizer, data, objective, the training loop)"
 
 
@@ -60,7 +58,6 @@ OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.
 
 
 def run(args) -> int:
-    from lmzoo.errors import ConfigError
     from lmzoo.stages import pretrain
 
     config = resolve_config(args.config)
@@ -72,16 +69,7 @@ def run(args) -> int:
         cfg["tokenizer"] = {k: v for k, v in (cfg.get("tokenizer") or {}).items() if k == "path"}
     if args.data:
         pretrain.set_path(cfg, "data.files", list(args.data))
-    for attr, dotted in OVERRIDES.items():
-        if getattr(args, attr) is not None:
-            pretrain.set_path(cfg, dotted, getattr(args, attr))
-    if args.no_progress:
-        pretrain.set_path(cfg, "train.progress", False)
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        pretrain.set_path(cfg, key, yaml.safe_load(value))
+    pretrain.apply_overrides(cfg, args, OVERRIDES)
     out = Path(args.out) if args.out else Path("runs") / f"{cfg['model'].get('family', 'model')}-{Path(args.config).stem}"
     from lmzoo.train import TrainingInterrupted
 

@@ -74,20 +74,11 @@ def build_config(args) -> tuple[dict, Path]:
     sft.check_config(cfg, str(path))
     if args.data:
         pretrain.set_path(cfg, "data.files", list(args.data))
-    for attr, dotted in OVERRIDES.items():
-        if getattr(args, attr) is not None:
-            pretrain.set_path(cfg, dotted, getattr(args, attr))
     if args.train_on_prompt:
         pretrain.set_path(cfg, "data.train_on_prompt", True)
     if args.no_packing:
         pretrain.set_path(cfg, "data.packing", False)
-    if args.no_progress:
-        pretrain.set_path(cfg, "train.progress", False)
-    for item in args.set:
-        key, eq, value = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        pretrain.set_path(cfg, key, yaml.safe_load(value))
+    pretrain.apply_overrides(cfg, args, OVERRIDES)
     sft.check_config(cfg, str(path))
     return cfg, path
 

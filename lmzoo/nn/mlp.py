@@ -7,7 +7,6 @@ SwiGLU uses SiLU as the gate's activation (LLaMA, ChatGLM2), GeGLU uses GeLU (GL
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch

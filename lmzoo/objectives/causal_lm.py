@@ -72,12 +72,16 @@ def make_step_fn(documents: str = "concat", aux_weight: float | None = None, con
     def step_fn(model, batch):
         labels = lm_labels(batch, documents)
         out = model(**model_inputs(batch, documents))
-        ce = _shifted_ce(out.logits, labels)
-        aux = getattr(out, "aux_loss", None)
-        loss = ce + weight * aux.to(ce.dtype) if aux is not None and weight else ce
-        metrics = {"ce": ce.detach(), "n_tokens": int((labels[:, 1:] != -100).sum())}
-        if aux is not None:
-            metrics["aux_loss"] = aux.detach()
-        return loss, metrics
+        return with_aux(_shifted_ce(out.logits, labels), getattr(out, "aux_loss", None), weight, labels)
 
     return step_fn
+
+
+def with_aux(ce: torch.Tensor, aux: torch.Tensor | None, weight: float, labels: torch.Tensor):
+    """(ce + weight · aux, metrics ``ce``, ``n_tokens`` (predicted tokens), ``aux_loss``): the step result
+    every next-token objective returns."""
+    loss = ce + weight * aux.to(ce.dtype) if aux is not None and weight else ce
+    metrics = {"ce": ce.detach(), "n_tokens": int((labels[:, 1:] != -100).sum())}
+    if aux is not None:
+        metrics["aux_loss"] = aux.detach()
+    return loss, metrics

@@ -14,9 +14,8 @@ padded (``attention_mask``). ``loss_chunk`` computes the head and the loss chunk
 
 from __future__ import annotations
 
-import torch
-
 from lmzoo.errors import LmzooError
+from lmzoo.objectives.causal_lm import with_aux
 from lmzoo.nn.transformer import causal_lm_loss as _shifted_ce
 
 
@@ -49,10 +48,6 @@ def make_step_fn(loss_chunk: int = 0, aux_weight: float | None = None, config=No
             out = model(**kw)
             ce = _shifted_ce(out.logits, labels)
             aux = getattr(out, "aux_loss", None)
-        loss = ce + weight * aux.to(ce.dtype) if aux is not None and weight else ce
-        metrics = {"ce": ce.detach(), "n_tokens": int((labels[:, 1:] != -100).sum())}
-        if aux is not None:
-            metrics["aux_loss"] = aux.detach()
-        return loss, metrics
+        return with_aux(ce, aux, weight, labels)
 
     return step_fn

@@ -135,6 +135,34 @@ def set_path(cfg: dict, dotted: str, value) -> None:
     node[leaf] = value
 
 
+def apply_overrides(cfg: dict, args, overrides: dict[str, str]) -> None:
+    """A command's flags onto its run config: each ``overrides`` attribute that was given (``--steps`` ->
+    ``train.steps``), ``--no-progress``, then every ``--set SECTION.KEY=VALUE`` (the value read as YAML)."""
+    for attr, dotted in overrides.items():
+        if getattr(args, attr, None) is not None:
+            set_path(cfg, dotted, getattr(args, attr))
+    if getattr(args, "no_progress", False):
+        set_path(cfg, "train.progress", False)
+    for item in getattr(args, "set", None) or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        set_path(cfg, key, yaml.safe_load(value))
+
+
+def check_resume(out_dir: Path, resume: bool, resume_or_start: bool) -> bool:
+    """Before any work: a folder with checkpoints needs --resume, and --resume needs a checkpoint unless
+    --resume-or-start. Returns whether checkpoints were found."""
+    found = bool(list_checkpoints(out_dir / "checkpoints"))
+    if found and not (resume or resume_or_start):
+        raise ConfigError(f"{out_dir / 'checkpoints'} already holds checkpoints: resume them (--resume) or choose "
+                          "another output directory")
+    if resume and not resume_or_start and not found:
+        raise ConfigError(f"--resume: {out_dir / 'checkpoints'} holds no checkpoint to resume; start a new run "
+                          "without --resume, or pass --resume-or-start to start when there is none")
+    return found
+
+
 # -- the pieces -----------------------------------------------------------------------------------
 
 
@@ -296,13 +324,7 @@ def run(cfg: dict, out_dir: str | Path, *, resume: bool = False, resume_or_start
     tcfg = TrainConfig.from_dict(cfg.get("train"), f"{source}: train")
     env = setup(tcfg.parallel, tcfg.device)
     out_dir = Path(out_dir)
-    found = list_checkpoints(out_dir / "checkpoints")
-    if found and not (resume or resume_or_start):  # before the tokenizer is retrained over its own
-        raise ConfigError(f"{out_dir / 'checkpoints'} already holds checkpoints: resume them (--resume) or choose "
-                          "another output directory")
-    if resume and not resume_or_start and not found:  # before any work
-        raise ConfigError(f"--resume: {out_dir / 'checkpoints'} holds no checkpoint to resume; start a new run "
-                          "without --resume, or pass --resume-or-start to start when there is none")
+    check_resume(out_dir, resume, resume_or_start)  # before the tokenizer is retrained over its own
     resume = resume or resume_or_start
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from lmzoo.errors import ConfigError
 from lmzoo.models.config_base import check_integer
 from lmzoo.models.registry import family_of
 from lmzoo.train import TrainConfig, Trainer, TrainResult
-from lmzoo.train.checkpoint import list_checkpoints
+from lmzoo.stages.pretrain import check_resume
 from lmzoo.train.distributed import setup
 
 SECTIONS = {
@@ -196,13 +196,7 @@ def run(cfg: dict, model_dir: str | Path, out_dir: str | Path, *, lora: bool = F
     qlora = qlora or bool(lsec.get("qlora"))
     lora = lora or qlora or bool(lsec.get("enabled"))
     out_dir = Path(out_dir)
-    found = list_checkpoints(out_dir / "checkpoints")
-    if found and not (resume or resume_or_start):
-        raise ConfigError(f"{out_dir / 'checkpoints'} already holds checkpoints: resume them (--resume) or choose "
-                          "another output directory")
-    if resume and not resume_or_start and not found:
-        raise ConfigError(f"--resume: {out_dir / 'checkpoints'} holds no checkpoint to resume; start without "
-                          "--resume, or pass --resume-or-start")
+    check_resume(out_dir, resume, resume_or_start)
     env = setup(tcfg.parallel, tcfg.device)
     model, tok, fam = load_model(model_dir)
     template = pick_template(tok, data.get("template"), fam)
