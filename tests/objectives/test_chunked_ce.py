@@ -186,10 +186,20 @@ _PEAK = textwrap.dedent("""
     def rss():
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * resource.getpagesize()
+    # the step's own peak: RSS sampled while it runs (ru_maxrss would also hold any earlier transient peak)
+    import threading, time
+    peak, done = [0], threading.Event()
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.0002)
     before = rss()
+    sampler = threading.Thread(target=sample)
+    sampler.start()
     loss = step(h, w, labels, chunk)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kB
-    print(json.dumps({"loss": loss.item(), "extra": peak - before}))
+    done.set()
+    sampler.join()
+    print(json.dumps({"loss": loss.item(), "extra": max(peak[0], rss()) - before}))
 """)
 
 
