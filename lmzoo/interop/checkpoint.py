@@ -16,8 +16,10 @@ from torch import nn
 
 from lmzoo.errors import CheckpointError, ConfigError
 from lmzoo.interop.companions import companion_files, tokenizer_writer
+from lmzoo.interop.convert import KeyMap
 from lmzoo.interop.safetensors_io import LazyState, write_directory
 from lmzoo.models.registry import Family, family_for_hf, get_family, get_preset
+from lmzoo.models.reward import RewardModel, is_reward_checkpoint
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -113,6 +115,8 @@ def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None =
         cfg = fam.resolve(cfg, set(state.keys()))
     model = _empty_model(fam, cfg)
     keymap, source, quantized = fam.keymap(cfg, hf), state, {}
+    if is_reward_checkpoint(hf):  # <Arch>ForSequenceClassification: a reward model (lmzoo/models/reward.py)
+        model, keymap = RewardModel.for_checkpoint(model, keymap, hf, str(directory / "config.json"))
     if hf.get("quantization_config"):  # packed linears swapped in and filled; lmzoo/quant/serialize.py
         from lmzoo.quant.serialize import prepare_quantized_load
 
@@ -137,18 +141,24 @@ def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None =
     return model.eval()
 
 
+def _keymap(model: nn.Module) -> KeyMap:
+    """The family's key map; a model around a family's model (a RewardModel) adapts it (``hf_keymap``)."""
+    keymap = _family_of(model).keymap(model.config)
+    return model.hf_keymap(keymap) if hasattr(model, "hf_keymap") else keymap
+
+
 def state_for_hf(model: nn.Module) -> dict[str, torch.Tensor]:
-    fam = _family_of(model)
     state = model.state_dict()
     if getattr(model, "quantization_config", None):  # packed linears: lmzoo/quant/serialize.py
         from lmzoo.quant.serialize import quantized_state_for_hf
 
-        return quantized_state_for_hf(model, fam.keymap(model.config), state)
-    return fam.keymap(model.config).to_hf(state)
+        return quantized_state_for_hf(model, _keymap(model), state)
+    return _keymap(model).to_hf(state)
 
 
 def save(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB", tokenizer=None) -> Path:
-    """Write ``model`` as a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads.
+    """Write ``model`` as a directory that ``transformers.AutoModelForCausalLM.from_pretrained`` loads
+    (a ``RewardModel``: ``AutoModelForSequenceClassification``).
 
     ``tokenizer``: a directory whose tokenizer files (and chat template, generation_config.json) are
     copied, an ``lmzoo.Tokenizer`` or a transformers tokenizer; by default those of the directory
@@ -162,6 +172,8 @@ def save(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB
     tensors = state_for_hf(model)
     dtype = next(t.dtype for t in tensors.values() if t.is_floating_point())
     hf = cfg.to_hf()
+    if hasattr(model, "hf_config"):  # a RewardModel: <Arch>ForSequenceClassification, num_labels 1
+        hf = model.hf_config(hf)
     hf["dtype"] = str(dtype).replace("torch.", "")
     if getattr(model, "quantization_config", None):
         hf["quantization_config"] = model.quantization_config

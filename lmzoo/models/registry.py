@@ -55,6 +55,9 @@ class Family:
     # Decoders: the built-in chat template (lmzoo.tokenizers.chat) the family's chat checkpoints use when the
     # tokenizer has none and its vocabulary names none; "" falls back to ChatML.
     chat_template: str = ""
+    # Decoders: transformers' ``<Arch>ForSequenceClassification`` class, the layout a reward model
+    # (lmzoo/models/reward.py) is saved in; "" when the family has none (no reward models).
+    hf_sequence_classifier: str = ""
     # Image families: the preprocessing their checkpoints were trained with (``lmzoo.vision.PROCESSORS[name]``).
     image_processor: ImageProcessor | None = None
 

@@ -8,6 +8,7 @@ from lmzoo.models.registry import Family
 FAMILY = Family(
     name="deepseek_v2", shape="causal decoder", config_cls=DeepseekV2Config, build=build, keymap=keymap,
     claims=lambda hf: hf.get("model_type") == "deepseek_v2", hf_architecture="DeepseekV2ForCausalLM",
+    hf_sequence_classifier="DeepseekV2ForSequenceClassification",
     pretrain_objective="causal_lm",
     width_fields=("d_ff", "d_expert", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                   "v_head_dim"),

@@ -8,6 +8,7 @@ from lmzoo.models.registry import Family
 FAMILY = Family(
     name="llama", shape="causal decoder", config_cls=LlamaConfig, build=build, keymap=keymap,
     claims=lambda hf: hf.get("model_type") == "llama", hf_architecture="LlamaForCausalLM", presets=PRESETS,
+    hf_sequence_classifier="LlamaForSequenceClassification",
     pretrain_objective="causal_lm", width_fields=("d_ff",), cache_free_fields={"d_ff": 32},
     description="RoPE, RMSNorm, SwiGLU, GQA",
     tokenizer="SentencePiece BPE with byte fallback (LLaMA-2); tiktoken byte-level BPE (LLaMA-3)",
