@@ -61,26 +61,35 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-def build_config(args) -> tuple[dict, Path]:
+def stage_config(args, check, overrides: dict, flags: dict | None = None) -> tuple[dict, Path]:
+    """A stage's run config: the file ``--config`` names (or a shipped one by name), then ``--data``, the
+    true boolean ``flags`` (attribute -> dotted key), the ``overrides`` and ``--set``; checked before and
+    after, so every argument is checked before the model loads."""
     from lmzoo.cli.pretrain import resolve_config
     from lmzoo.errors import ConfigError
-    from lmzoo.stages import pretrain, sft
+    from lmzoo.stages import pretrain
 
     path = resolve_config(args.config)
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    sft.check_config(cfg, str(path))
+    check(cfg, str(path))
     if args.data:
         pretrain.set_path(cfg, "data.files", list(args.data))
-    if args.train_on_prompt:
-        pretrain.set_path(cfg, "data.train_on_prompt", True)
-    if args.no_packing:
-        pretrain.set_path(cfg, "data.packing", False)
-    pretrain.apply_overrides(cfg, args, OVERRIDES)
-    sft.check_config(cfg, str(path))
+    for attr, (dotted, value) in (flags or {}).items():
+        if getattr(args, attr):
+            pretrain.set_path(cfg, dotted, value)
+    pretrain.apply_overrides(cfg, args, overrides)
+    check(cfg, str(path))
     return cfg, path
+
+
+def build_config(args) -> tuple[dict, Path]:
+    from lmzoo.stages import sft
+
+    return stage_config(args, sft.check_config, OVERRIDES, {"train_on_prompt": ("data.train_on_prompt", True),
+                                                            "no_packing": ("data.packing", False)})
 
 
 def run(args) -> int:

@@ -1,0 +1,417 @@
+"""Preference learning, the thin way: pairs of answers to one prompt (the chosen and the rejected),
+and two stages on the shared training loop that learn from them (docs/preference.md):
+
+- ``run_reward``: a reward model (the decoder plus a scalar head, transformers'
+  ``<Arch>ForSequenceClassification`` layout) trained with the Bradley–Terry loss
+  ``-log σ(r_chosen − r_rejected)``; held-out pairwise accuracy, margin and a reward histogram.
+- ``run_dpo``: the policy trained directly on the pairs with DPO or a variant (``--loss``), against a
+  frozen reference whose log-probs are computed once over the data before the first step (so no
+  second model is kept: with LoRA the base is the reference, with ``--ref DIR`` another model is).
+
+A run config (``configs/reward/tiny.yaml``, ``configs/dpo/tiny.yaml``) has the sections
+  data:   files (empty: built-in pairs, a task's right answer chosen over a wrong one), format,
+          template, max_len, max_prompt_len, batch_size, overflow (truncate | drop), val_fraction,
+          builtin: {n, n_eval, lang, level, kinds}
+  loss:   reward: margin-free BT, center (reward centering coefficient);
+          dpo: name (sigmoid | hinge | ipo | robust | simpo | orpo), beta, label_smoothing, gamma
+  lora:   as in SFT (dpo only)
+  eval:   accuracy (dpo on built-in data: exact-match of greedy answers), n, max_new_tokens
+  train:  every TrainConfig field
+The run folder is the SFT contract: metrics.jsonl, checkpoints/, loss.png, a stage plot, final/
+(with its tokenizer and chat template) and, with LoRA, adapter/.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import lmzoo
+from lmzoo.errors import ConfigError
+from lmzoo.models.config_base import check_integer
+from lmzoo.stages.pretrain import check_resume
+from lmzoo.stages.sft import attach_lora, load_model, pick_template
+from lmzoo.train import TrainConfig, Trainer, TrainResult
+from lmzoo.train.distributed import setup
+
+SECTIONS = {"data": {"files", "format", "template", "max_len", "max_prompt_len", "batch_size", "overflow",
+                     "val_fraction", "builtin"},
+            "loss": {"name", "beta", "label_smoothing", "gamma", "center"},
+            "lora": {"enabled", "qlora", "r", "alpha", "dropout", "targets", "rslora"},
+            "eval": {"accuracy", "n", "max_new_tokens", "batch_size"},
+            "train": None}
+BUILTIN_KEYS = {"n", "n_eval", "lang", "level", "kinds", "seed"}
+
+
+@dataclass
+class PreferenceResult:
+    train: TrainResult
+    final_dir: Path | None
+    adapter_dir: Path | None
+    before: dict
+    after: dict
+    data_summary: str
+
+
+def check_config(cfg: dict, source: str = "config") -> None:
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: a preference run config is a mapping with sections {sorted(SECTIONS)}")
+    unknown = sorted(set(cfg) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    for name, keys in SECTIONS.items():
+        section = cfg.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: {name} must be a mapping, got {type(section).__name__}")
+        if keys is not None and set(section) - keys:
+            raise ConfigError(f"{source}: {name}: unknown key(s) {sorted(set(section) - keys)}; known: {sorted(keys)}")
+    data = cfg.get("data") or {}
+    for key in ("max_len", "max_prompt_len", "batch_size"):
+        if data.get(key) is not None:
+            check_integer(f"data.{key}", data[key])
+    builtin = data.get("builtin") or {}
+    if not isinstance(builtin, dict) or set(builtin) - BUILTIN_KEYS:
+        raise ConfigError(f"{source}: data.builtin takes {sorted(BUILTIN_KEYS)}")
+    beta = (cfg.get("loss") or {}).get("beta")
+    if beta is not None and (not isinstance(beta, (int, float)) or beta <= 0):
+        raise ConfigError(f"{source}: loss.beta must be a positive number, got {beta!r}")
+
+
+def preference_pairs(data: dict, seed: int):
+    """(train pairs, held-out pairs, held-out tasks or None): files split by val_fraction, or built-in."""
+    from lmzoo.data.preference import PreferencePair, builtin_preference_data, read_pairs, wrong_answer
+    from lmzoo.data.sft import split_conversations
+
+    if data.get("files"):
+        pairs = [p for f in data["files"] for p in read_pairs(f, fmt=data.get("format"))]
+        train, val = split_conversations(pairs, float(data.get("val_fraction", 0.05)), seed)
+        return train, val, None
+    opts = {"n": 2000, "n_eval": 100, "lang": "mixed", "level": "full", "kinds": "all", "seed": seed,
+            **(data.get("builtin") or {})}
+    built = builtin_preference_data(n=opts["n"], seed=opts["seed"], lang=opts["lang"], level=opts["level"],
+                                    n_eval=opts["n_eval"], kinds=opts["kinds"])
+    r = random.Random(opts["seed"] + 1)
+    held = [PreferencePair([{"role": "user", "content": t.prompt}], t.answer, wrong_answer(t, r))
+            for t in built.eval_tasks]
+    return built.train, held, built.eval_tasks
+
+
+def _prepare(cfg: dict, model_dir, out_dir, resume, resume_or_start, source):
+    cfg = copy.deepcopy(cfg)
+    check_config(cfg, source)
+    tcfg = TrainConfig.from_dict(cfg.get("train"), f"{source}: train")
+    out_dir = Path(out_dir)
+    check_resume(out_dir, resume, resume_or_start)
+    env = setup(tcfg.parallel, tcfg.device)
+    model, tok, fam = load_model(model_dir)
+    if fam.shape != "causal decoder":
+        raise ConfigError(f"--model {model_dir}: preference training takes a causal decoder; {fam.name} is a "
+                          f"{fam.shape}")
+    data = cfg.get("data") or {}
+    template = pick_template(tok, data.get("template"), fam)
+    return cfg, tcfg, out_dir, env, model, tok, fam, data, template
+
+
+def _encode(tok, pairs, template, data, what: str):
+    from lmzoo.data.preference import encode_pairs
+
+    try:
+        return encode_pairs(tok, pairs, template, data.get("max_len", 256), data.get("overflow", "truncate"),
+                            data.get("max_prompt_len"))
+    except ConfigError:
+        raise
+    except Exception as e:  # LmzooError with the pair's number: say which split
+        raise type(e)(f"{what} pairs: {e}") from None
+
+
+class _Rows:
+    """``PaddedPairs`` rows plus per-pair tensors (the reference log-probs) picked by the same rows."""
+
+    def __init__(self, base, **extra: torch.Tensor):
+        self.base, self.extra = base, extra
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def batch(self, rows) -> dict:
+        out = self.base.batch(rows)
+        idx = torch.as_tensor([int(r) for r in rows])
+        return {**out, **{k: v[idx] for k, v in self.extra.items()}}
+
+
+def _batches(examples, batch: int, env, tcfg, pad_id: int, shuffle: bool = True, **extra):
+    from lmzoo.data.preference import PaddedPairs
+    from lmzoo.data.sampler import Batches
+
+    rows = _Rows(PaddedPairs(examples, pad_id), **extra)
+    return Batches(rows, batch // env.world_size, seed=tcfg.seed, shuffle=shuffle, epochs=None if shuffle else 1,
+                   rank=env.rank, world_size=env.world_size, drop_last=shuffle)
+
+
+def _pad_id(tok, stops: list[int], for_reward: bool = False) -> int:
+    """The id rows are padded with. The policy's losses only read labelled tokens, so any id will do; a
+    reward model reads its score at the last non-pad token, so its pad must differ from the end-of-turn
+    tokens (the tokenizer's pad, else its unk, said once)."""
+    pad = tok.pad_id
+    if not for_reward:
+        return pad if pad is not None else (stops[0] if stops else 0)
+    if pad is not None and pad not in stops:
+        return pad
+    unk = tok.unk_id
+    if unk is not None and unk not in stops:
+        print(f"lmzoo reward: {tok.name} has no pad token apart from its end-of-turn ones; padding with its unk "
+              f"token ({unk}), which the score head skips back over", file=sys.stderr)
+        return unk
+    raise ConfigError(f"{tok.name}: a reward model needs a pad token distinct from the end-of-turn tokens {stops} "
+                      "(the reward is read at the last non-pad token); set one with tok.set_special('pad', ...) "
+                      "and save the tokenizer with the model")
+
+
+# -- the reward model --------------------------------------------------------------------------------
+
+
+def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or_start: bool = False,
+               source: str = "config") -> PreferenceResult:
+    from lmzoo.objectives.preference import reward_loss, reward_metrics
+    from lmzoo.tokenizers.chat import resolve_template, stop_ids
+
+    cfg, tcfg, out_dir, env, model, tok, fam, data, template = _prepare(cfg, model_dir, out_dir, resume,
+                                                                       resume_or_start, source)
+    pad = _pad_id(tok, stop_ids(tok, template), for_reward=True)
+    torch.manual_seed(tcfg.seed)  # the score head's initial values
+    rm = lmzoo.reward_model(model, pad_token_id=pad)
+    train_pairs, val_pairs, _ = preference_pairs(data, tcfg.seed)
+    train_ex, val_ex = _encode(tok, train_pairs, template, data, "train"), _encode(tok, val_pairs, template, data,
+                                                                                   "held-out")
+    batch = data.get("batch_size", 16)
+    center = (cfg.get("loss") or {}).get("center")
+
+    def step_fn(model, b):
+        from lmzoo.data.preference import concatenated
+
+        both = concatenated(b)
+        r = model(both["input_ids"], attention_mask=both["attention_mask"]).rewards  # (2B,)
+        chosen, rejected = r.chunk(2)
+        loss = reward_loss(chosen, rejected, center_coefficient=center).mean()
+        return loss, {"n_tokens": int(chosen.numel()), **reward_metrics(chosen, rejected)}
+
+    def held_out(model) -> dict:
+        chosen, rejected = _all_rewards(model, val_ex, pad)
+        m = reward_metrics(chosen, rejected)
+        return {"accuracy": m["accuracy"], "margin": m["margin"]}
+
+    if env.is_main:
+        print(f"lmzoo reward: {fam.name} from {model_dir} with a new score head; template "
+              f"{_name(template)}; train pairs: {train_ex.summary()}; held out: {val_ex.summary()}", file=sys.stderr)
+    tcfg.extra = {**tcfg.extra, "stage": "reward", "family": fam.name, "model": str(model_dir)}
+    trainer = Trainer(rm, _batches(train_ex, batch, env, tcfg, pad), step_fn, tcfg, out_dir, env=env,
+                      eval_hooks=[held_out])
+    result = trainer.fit(resume=resume or resume_or_start, start_if_missing=resume_or_start)
+    final = None
+    if env.is_main:
+        tok.chat_template = resolve_template(template)
+        final = lmzoo.save(trainer.model if not hasattr(trainer.model, "module") else trainer.model.module,
+                           out_dir / "final", tokenizer=tok)
+        chosen, rejected = _all_rewards(rm, val_ex, pad)
+        plot_reward(out_dir / "metrics.jsonl", chosen, rejected, out_dir / "reward.png")
+    return PreferenceResult(result, final, None, result.initial_eval, result.eval, train_ex.summary())
+
+
+@torch.no_grad()
+def _all_rewards(model, examples, pad: int, batch: int = 32):
+    from lmzoo.data.preference import PaddedPairs, concatenated
+
+    was = model.training
+    model.eval()
+    rows, cs, rs = PaddedPairs(examples, pad), [], []
+    for start in range(0, len(rows), batch):
+        both = concatenated(rows.batch(range(start, min(start + batch, len(rows)))))
+        c, r = model(both["input_ids"], attention_mask=both["attention_mask"]).rewards.float().chunk(2)
+        cs.append(c)
+        rs.append(r)
+    model.train(was)
+    return torch.cat(cs), torch.cat(rs)
+
+
+# -- DPO and its variants ----------------------------------------------------------------------------
+
+
+def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, qlora: bool = False,
+            resume: bool = False, resume_or_start: bool = False, source: str = "config") -> PreferenceResult:
+    from lmzoo.objectives.preference import dpo_loss, dpo_metrics, orpo_loss, preference_loss, simpo_loss
+    from lmzoo.stages.sft import accuracy_hook, save_outputs
+    from lmzoo.tokenizers.chat import stop_ids
+
+    cfg, tcfg, out_dir, env, model, tok, fam, data, template = _prepare(cfg, model_dir, out_dir, resume,
+                                                                       resume_or_start, source)
+    lsec, esec, lora_sec = cfg.get("loss") or {}, cfg.get("eval") or {}, cfg.get("lora") or {}
+    name = lsec.get("name", "sigmoid")
+    kind = preference_loss(name)
+    if not kind.paired:
+        raise ConfigError(f"--loss {name} learns from unpaired examples; lmzoo dpo takes pairs (sigmoid, hinge, "
+                          "ipo, robust, simpo, orpo)")
+    beta = float(lsec.get("beta", 2.0 if name == "simpo" else 0.1))
+    stops = stop_ids(tok, template)
+    pad = _pad_id(tok, stops)
+    train_pairs, val_pairs, eval_tasks = preference_pairs(data, tcfg.seed)
+    train_ex, val_ex = _encode(tok, train_pairs, template, data, "train"), _encode(tok, val_pairs, template, data,
+                                                                                   "held-out")
+    average = kind.length_normalised
+    ref = None
+    if kind.reference:  # log π_ref of every response, once, before the policy moves
+        reference = model
+        if ref_dir is not None:
+            reference, ref_tok, _ = load_model(ref_dir)
+            if ref_tok.vocab_size != tok.vocab_size or reference.config.vocab_size != model.config.vocab_size:
+                raise ConfigError(f"--ref {ref_dir}: its vocabulary ({ref_tok.vocab_size} tokens, vocab_size "
+                                  f"{reference.config.vocab_size}) differs from the policy's ({tok.vocab_size}, "
+                                  f"{model.config.vocab_size}); the log-probs would not compare")
+        ref = {split: _all_logps(reference, ex, pad, average) for split, ex in (("train", train_ex), ("val", val_ex))}
+        del reference
+    if env.is_main:
+        print(f"lmzoo dpo: {fam.name} from {model_dir}; loss {name} (beta {beta}); reference "
+              f"{'none' if ref is None else (ref_dir or 'the starting model')}; template {_name(template)}; train "
+              f"pairs: {train_ex.summary()}; held out: {val_ex.summary()}", file=sys.stderr)
+    torch.manual_seed(tcfg.seed)
+    lora = lora or qlora or bool(lora_sec.get("enabled"))
+    if lora:
+        attach_lora(model, lora_sec, qlora or bool(lora_sec.get("qlora")))
+
+    def losses(model, b):
+        from lmzoo.data.preference import concatenated
+        from lmzoo.objectives.logprobs import sequence_logps
+
+        both = concatenated(b)
+        logits = model(both["input_ids"], attention_mask=both["attention_mask"]).logits
+        pc, pr = sequence_logps(logits, both["labels"], average=average).chunk(2)
+        rc, rr = (b["ref_chosen"], b["ref_rejected"]) if ref is not None else (None, None)
+        if name == "simpo":
+            per_pair = simpo_loss(pc, pr, beta=beta, gamma=float(lsec.get("gamma", 1.0)))
+        elif name == "orpo":
+            nll = -sequence_logps(logits[: len(pc)], both["labels"][: len(pc)], average=True).mean()
+            per_pair = orpo_loss(pc, pr, nll, beta=beta)
+        else:
+            per_pair = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=name,
+                                label_smoothing=float(lsec.get("label_smoothing", 0.0)))
+        return per_pair.mean(), dpo_metrics(pc, pr, rc, rr, beta=beta)
+
+    def step_fn(model, b):
+        loss, metrics = losses(model, b)
+        return loss, {"n_tokens": int(b["chosen_input_ids"].shape[0]), **metrics}
+
+    def held_out(model) -> dict:
+        totals, n = {}, 0
+        for b in _batches(val_ex, 16, env, tcfg, pad, shuffle=False, **_extra(ref, "val")):
+            _, m = losses(model, b)
+            k = int(b["chosen_input_ids"].shape[0])
+            for key, v in m.items():
+                totals[key] = totals.get(key, 0.0) + float(v) * k
+            n += k
+        return {key: v / n for key, v in totals.items()}
+
+    hooks = [held_out]
+    if eval_tasks and esec.get("accuracy", True):
+        context = getattr(model.config, "max_positions", None)
+        hooks.append(accuracy_hook(tok, eval_tasks, template, esec, stops, context))
+    tcfg.extra = {**tcfg.extra, "stage": "dpo", "family": fam.name, "model": str(model_dir), "loss": name,
+                  "beta": beta, "reference": str(ref_dir or model_dir) if ref is not None else None, "lora": lora}
+    trainer = Trainer(model, _batches(train_ex, data.get("batch_size", 16), env, tcfg, pad, **_extra(ref, "train")),
+                      step_fn, tcfg, out_dir, env=env, eval_hooks=hooks)
+    result = trainer.fit(resume=resume or resume_or_start, start_if_missing=resume_or_start)
+    final, adapter = save_outputs(trainer, model_dir, tok, template, out_dir, lora, env)
+    if env.is_main:
+        plot_dpo(out_dir / "metrics.jsonl", out_dir / "dpo.png")
+    return PreferenceResult(result, final, adapter, result.initial_eval, result.eval, train_ex.summary())
+
+
+def _extra(ref, split: str) -> dict:
+    return {} if ref is None else {"ref_chosen": ref[split][0], "ref_rejected": ref[split][1]}
+
+
+@torch.no_grad()
+def _all_logps(model, examples, pad: int, average: bool, batch: int = 32):
+    from lmzoo.data.preference import PaddedPairs, concatenated
+    from lmzoo.objectives.logprobs import response_logps
+
+    was = model.training
+    model.eval()
+    rows, cs, rs = PaddedPairs(examples, pad), [], []
+    for start in range(0, len(rows), batch):
+        both = concatenated(rows.batch(range(start, min(start + batch, len(rows)))))
+        c, r = response_logps(model, both["input_ids"], both["labels"], both["attention_mask"], average).chunk(2)
+        cs.append(c.float())
+        rs.append(r.float())
+    model.train(was)
+    return torch.cat(cs), torch.cat(rs)
+
+
+def _name(template: str) -> str:
+    from lmzoo.tokenizers.chat import builtin_name
+
+    return builtin_name(template) or "the model's own"
+
+
+# -- plots -------------------------------------------------------------------------------------------
+
+
+def _records(path: Path) -> list[dict]:
+    from lmzoo.train.metrics import read_metrics
+
+    return read_metrics(path)
+
+
+def plot_reward(metrics: Path, chosen: torch.Tensor, rejected: torch.Tensor, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _records(metrics)
+    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and "loss" in r]
+    acc = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "eval" and "accuracy" in r]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    if train:
+        ax[0].plot(*zip(*train))
+    ax[0].set_title("Bradley–Terry loss"), ax[0].set_xlabel("step")
+    if acc:
+        ax[1].plot(*zip(*acc), "o-", color="tab:green")
+    ax[1].set_ylim(0, 1), ax[1].set_title("held-out pairwise accuracy"), ax[1].set_xlabel("step")
+    ax[2].hist(chosen.numpy(), bins=30, alpha=0.6, label="chosen")
+    ax[2].hist(rejected.numpy(), bins=30, alpha=0.6, label="rejected")
+    ax[2].set_title("held-out rewards (final)"), ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def plot_dpo(metrics: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = _records(metrics)
+    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and "loss" in r]
+    ev = [r for r in rows if r.get("split") == "eval"]
+    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    if train:
+        ax[0].plot(*zip(*train))
+    ax[0].set_title("preference loss"), ax[0].set_xlabel("step")
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+        pts = [(r["step"], r[key]) for r in ev if key in r]
+        if pts:
+            ax[1].plot(*zip(*pts), "o-", label=key)
+    ax[1].legend(), ax[1].set_title("held-out implicit rewards"), ax[1].set_xlabel("step")
+    for key in ("rewards/accuracies", "accuracy"):
+        pts = [(r["step"], r[key]) for r in ev if key in r]
+        if pts:
+            ax[2].plot(*zip(*pts), "o-", label={"accuracy": "greedy answers right"}.get(key, key))
+    ax[2].set_ylim(0, 1), ax[2].legend(), ax[2].set_title("held-out"), ax[2].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
