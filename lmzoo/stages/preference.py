@@ -33,8 +33,7 @@ import torch
 
 import lmzoo
 from lmzoo.errors import ConfigError
-from lmzoo.models.config_base import check_integer
-from lmzoo.stages.pretrain import check_resume
+from lmzoo.stages.pretrain import check_resume, check_sections
 from lmzoo.stages.sft import attach_lora, load_model, pick_template
 from lmzoo.train import TrainConfig, Trainer, TrainResult
 from lmzoo.train.distributed import setup
@@ -59,21 +58,8 @@ class PreferenceResult:
 
 
 def check_config(cfg: dict, source: str = "config") -> None:
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{source}: a preference run config is a mapping with sections {sorted(SECTIONS)}")
-    unknown = sorted(set(cfg) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
-    for name, keys in SECTIONS.items():
-        section = cfg.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{source}: {name} must be a mapping, got {type(section).__name__}")
-        if keys is not None and set(section) - keys:
-            raise ConfigError(f"{source}: {name}: unknown key(s) {sorted(set(section) - keys)}; known: {sorted(keys)}")
+    check_sections(cfg, SECTIONS, source, "a preference", {"data": ("max_len", "max_prompt_len", "batch_size")})
     data = cfg.get("data") or {}
-    for key in ("max_len", "max_prompt_len", "batch_size"):
-        if data.get(key) is not None:
-            check_integer(f"data.{key}", data[key])
     builtin = data.get("builtin") or {}
     if not isinstance(builtin, dict) or set(builtin) - BUILTIN_KEYS:
         raise ConfigError(f"{source}: data.builtin takes {sorted(BUILTIN_KEYS)}")

@@ -150,6 +150,27 @@ def apply_overrides(cfg: dict, args, overrides: dict[str, str]) -> None:
         set_path(cfg, key, yaml.safe_load(value))
 
 
+def check_sections(cfg, sections: dict, source: str, what: str, integers: dict | None = None) -> None:
+    """A stage's run config: a mapping of the known ``sections`` (name -> its keys, None: checked
+    elsewhere), each a mapping of known keys; ``integers`` (section -> keys) must be integers >= 1."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source}: {what} run config is a mapping with sections {sorted(sections)}")
+    unknown = sorted(set(cfg) - set(sections))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {unknown}; {what} config has {sorted(sections)}")
+    for name, keys in sections.items():
+        section = cfg.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"{source}: {name} must be a mapping, got {type(section).__name__}")
+        if keys is not None and set(section) - keys:
+            raise ConfigError(f"{source}: {name}: unknown key(s) {sorted(set(section) - keys)}; known: {sorted(keys)}")
+        for key in (integers or {}).get(name, ()):
+            if section.get(key) is not None:
+                check_integer(f"{name}.{key}", section[key])
+                if section[key] < 1:
+                    raise ConfigError(f"{source}: {name}.{key} must be at least 1, got {section[key]}")
+
+
 def check_resume(out_dir: Path, resume: bool, resume_or_start: bool) -> bool:
     """Before any work: a folder with checkpoints needs --resume, and --resume needs a checkpoint unless
     --resume-or-start. Returns whether checkpoints were found."""

@@ -35,7 +35,7 @@ from lmzoo.errors import ConfigError
 from lmzoo.models.config_base import check_integer
 from lmzoo.models.registry import family_of
 from lmzoo.train import TrainConfig, Trainer, TrainResult
-from lmzoo.stages.pretrain import check_resume
+from lmzoo.stages.pretrain import check_resume, check_sections
 from lmzoo.train.distributed import setup
 
 SECTIONS = {
@@ -61,22 +61,7 @@ class SFTResult:
 
 
 def check_config(cfg: dict, source: str = "config") -> None:
-    if not isinstance(cfg, dict):
-        raise ConfigError(f"{source}: an SFT run config is a mapping with sections {sorted(SECTIONS)}")
-    unknown = sorted(set(cfg) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{source}: unknown section(s) {unknown}; an SFT config has {sorted(SECTIONS)}")
-    for name, keys in SECTIONS.items():
-        section = cfg.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(f"{source}: {name} must be a mapping, got {type(section).__name__}")
-        if keys is not None and set(section) - keys:
-            raise ConfigError(f"{source}: {name}: unknown key(s) {sorted(set(section) - keys)}; known: {sorted(keys)}")
-        for key in INTEGERS.get(name, ()):
-            if section.get(key) is not None:
-                check_integer(f"{name}.{key}", section[key])
-                if section[key] < 1:
-                    raise ConfigError(f"{source}: {name}.{key} must be at least 1, got {section[key]}")
+    check_sections(cfg, SECTIONS, source, "an SFT", INTEGERS)
     builtin = (cfg.get("data") or {}).get("builtin") or {}
     if not isinstance(builtin, dict) or set(builtin) - BUILTIN_KEYS:
         raise ConfigError(f"{source}: data.builtin takes {sorted(BUILTIN_KEYS)}")
