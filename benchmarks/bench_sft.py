@@ -7,18 +7,18 @@ attention across conversations, positions restarting) and computes the loss with
 ``loss_chunk`` (``objectives/chunked_ce.py``: the head runs on the trained tokens only, a chunk at a
 time, never the (tokens × vocab) logits of the batch), while transformers + PEFT gets the same
 conversations one per row, right-padded, ``model(input_ids, attention_mask, labels)``: its standard
-recipe (full logits, ``F.cross_entropy``). Both use ``torch.optim.AdamW(fused=True)``, the same learning rate,
-the same precision (float32, or bf16 autocast with float32 weights), LoRA r=16 on every attention
+recipe (full logits, ``F.cross_entropy``). Both use ``torch.optim.AdamW(fused=True)``, the same learning
+rate, the same precision (float32, or bf16 autocast with float32 weights), LoRA r=16 on every attention
 and MLP projection with the same initial adapter (lmzoo's, saved in PEFT's layout and loaded by
 ``peft.PeftModel.from_pretrained``), QLoRA on lmzoo's NF4 vs bitsandbytes' NF4 (double quant).
 
-Speed: one process per mode holds every variant and interleaves them step by step (the order
-rotates each step), so drift and other programs hit all sides alike; tokens/s counts *real*
+Speed: one process holds, mode by mode, every variant of the mode and interleaves them step by step
+(the order rotates each step), so drift and other programs hit all sides alike; tokens/s counts *real*
 (non-pad) tokens, the median over the timed steps. Memory: one fresh process per variant
 (peak RSS = VmHWM reset after loading; "RSS added" = that minus the RSS before the first step; the
 lmzoo process never imports transformers). Losses: per-token mean over the same trained tokens.
 
-    python benchmarks/bench_sft.py            # defaults, ~6-8 minutes on 2 busy cores
+    python benchmarks/bench_sft.py            # defaults, ~7 minutes on 2 cores (more when busy)
     python benchmarks/bench_sft.py --quick    # tiny sizes (what tests/benchmarks/test_bench_sft.py runs)
 """
 
@@ -72,7 +72,7 @@ SIZES = {
     "steps": (6, 3, "optimizer steps per variant (the same batches for all)"),
     "warmup": (1, 1, "first steps not timed"),
     "mem_steps": (2, 2, "steps run in each memory process"),
-    "mem_rounds": (2, 1, "memory processes per variant (the largest reading is reported)"),
+    "mem_rounds": (1, 1, "memory processes per variant (the largest reading is reported)"),
 }
 
 
@@ -147,7 +147,8 @@ def time_worker(spec: dict) -> dict:
     for mode, pairs in spec["plan"].items():
         t0 = time.perf_counter()
         runners = [(v, p, *build(v, mode, spec)) for v, p in pairs]
-        runs = {f"{v}/{p}": {"variant": v, "precision": p, "times_s": [], "losses": []} for v, p in pairs}
+        runs = {f"{v}/{p}": {"variant": v, "precision": p, "times_s": [], "losses": [], "lora_A_sums": lora_a_sums(m)}
+                for (v, p), (_, _, m, _) in zip(pairs, runners)}
         before = None
         for i, batch in enumerate(batches):
             if i == spec["warmup"]:
@@ -165,6 +166,11 @@ def time_worker(spec: dict) -> dict:
         del runners, model, opt  # free this mode's models before the next mode's
         gc.collect()
     return {"runs": res, "others_cpu_share": others}
+
+
+def lora_a_sums(model) -> list[float]:
+    """The sums of the model's LoRA A matrices, sorted: equal on both sides when the adapters start equal."""
+    return sorted(float(p.detach().double().sum()) for n, p in model.named_parameters() if "lora_A" in n)
 
 
 def memory_worker(spec: dict) -> dict:
@@ -269,8 +275,8 @@ def make_batches(a) -> tuple[list[dict], dict]:
 
 
 def merge_memory(rounds: list[dict]) -> dict:
-    """Memory processes of one variant -> the largest peak and addition (a page the kernel reclaimed
-    from one process, e.g. of a weight file mapped read-only, can make a single reading low)."""
+    """Memory processes of one variant -> the largest peak and addition, the worst case: a few variants
+    read bimodally across processes (whether a logits-sized buffer is resident at the peak)."""
     out = dict(rounds[0], rounds=len(rounds))
     for k in ("peak_rss_mib", "rss_added_mib"):
         vals = [r[k] for r in rounds if r[k] is not None]
@@ -512,8 +518,23 @@ def markdown(r) -> str:
     out += "\n".join(f"- {line}" for line in verdicts(r)) + "\n"
     if r["ablation"]:
         out += ("\nWhere lmzoo's LoRA speed comes from (same process as the LoRA fp32 row; each line takes "
-                "speedups away):\n\n" + ablation_table(r) + "\n")
+                "speedups away):\n\n" + ablation_table(r) + "\n\n" + ablation_summary(r) + "\n")
     return out
+
+
+def ablation_summary(r) -> str:
+    d, w = r["data"], {x["variant"]: x for x in r["ablation"]}
+    return (f"The work each speedup removes: packing runs the decoder on {d['packed_positions_per_step']:.0f} "
+            f"instead of {d['padded_positions_per_step']:.0f} positions per step "
+            f"({d['padded_positions_per_step'] / d['packed_positions_per_step']:.2f}× fewer); the chunked loss runs "
+            f"the head and the softmax on the {d['trained_tokens_per_step']:.0f} trained tokens instead of all "
+            f"{d['padded_positions_per_step']:.0f} padded positions "
+            f"({d['padded_positions_per_step'] / d['trained_tokens_per_step']:.0f}× fewer). With neither, lmzoo runs "
+            f"transformers' recipe at {_x(w['lmzoo, neither']['vs_transformers'])} its speed (the model code "
+            f"alone); packing alone gives {_x(w['lmzoo, no chunked CE']['vs_transformers'])}, the chunked loss "
+            f"alone {_x(w['lmzoo, no packing']['vs_transformers'])}, both {_x(w['lmzoo']['vs_transformers'])}"
+            + (f", and bf16 autocast on top {_x(w['lmzoo (bf16)']['vs_transformers'])}." if "lmzoo (bf16)" in w
+               else "."))
 
 
 def figure(r, path: Path) -> Path | None:

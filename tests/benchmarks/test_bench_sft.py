@@ -3,7 +3,7 @@
 Timings are never asserted. What is checked are the benchmark's correctness claims: from the same
 weights and the same conversations, lmzoo (packed rows, chunked loss) and transformers + PEFT
 (padded rows, full logits) start at the same per-token loss in float32 for full finetuning, LoRA and
-QLoRA, stay together over the steps (so the LoRA adapters started equal too), every ablation
+QLoRA, with the same initial LoRA adapters, stay together over the steps, every ablation
 variant gives that loss as well, and the memory processes measure what they say (the lmzoo one
 never imports transformers). Memory runs for full finetuning only, to keep the test short.
 """
@@ -64,6 +64,11 @@ def test_equal_losses(result):
             assert w["last_loss_diff"] < 1e-3, w
         else:  # bf16 autocast rounds differently in the two libraries
             assert w["first_loss_diff"] < 1e-2 and w["last_loss_diff"] < 1e-2, w
+    for mode, n_adapters in (("full", 0), ("lora", 2 * 7), ("qlora", 2 * 7)):  # 2 layers × 7 projections
+        sums = [run["lora_A_sums"] for key, run in r["timing"].items() if key.startswith(mode + "/")]
+        assert all(len(x) == n_adapters for x in sums), mode
+        for x in sums[1:]:  # every variant's adapters start from the one PEFT file
+            assert x == pytest.approx(sums[0], rel=1e-9, abs=1e-9), mode
     hf = next(w for w in r["rows"] if (w["mode"], w["precision"]) == ("lora", "fp32"))["transformers"]
     variants = {w["variant"]: w for w in r["ablation"]}
     assert set(variants) == {"lmzoo, no packing", "lmzoo, no chunked CE", "lmzoo, neither", "lmzoo", "lmzoo (bf16)"}
