@@ -204,6 +204,19 @@ def reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
     return loss
 
 
+def sft_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The SFT term RPO adds to DPO (Pang et al. 2024, "Iterative Reasoning Preference Optimization",
+    eq. 1: L_DPO + α·L_NLL): the chosen responses' negative log-likelihood per token, averaged over every
+    response token of the batch, ``-Σ log π_θ(y_w,t | x, y_w,<t) / Σ |y_w|`` (TRL's ``loss_type="sft"``).
+    ``token_logps`` and ``mask`` (B, T) as ``objectives.logprobs.token_logps`` gives them."""
+    if token_logps.shape != mask.shape:
+        raise LmzooError(f"sft_nll: token_logps {tuple(token_logps.shape)} and mask {tuple(mask.shape)} differ")
+    m = mask.bool()
+    if not bool(m.any()):
+        raise LmzooError("sft_nll: no response token in the batch")
+    return -token_logps[m].float().mean()
+
+
 # --- the registry ---------------------------------------------------------------------------------------
 
 

@@ -40,7 +40,7 @@ from lmzoo.train.distributed import setup
 
 SECTIONS = {"data": {"files", "format", "template", "max_len", "max_prompt_len", "batch_size", "overflow",
                      "val_fraction", "builtin"},
-            "loss": {"name", "beta", "label_smoothing", "gamma", "center"},
+            "loss": {"name", "beta", "label_smoothing", "gamma", "center", "sft_weight"},
             "lora": {"enabled", "qlora", "r", "alpha", "dropout", "targets", "rslora"},
             "eval": {"accuracy", "n", "max_new_tokens", "batch_size"},
             "train": None}
@@ -242,6 +242,9 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
         raise ConfigError(f"--loss {name} learns from unpaired examples; lmzoo dpo takes pairs (sigmoid, hinge, "
                           "ipo, robust, simpo, orpo)")
     beta = float(lsec.get("beta", 2.0 if name == "simpo" else 0.1))
+    sft_weight = float(lsec.get("sft_weight") or 0.0)
+    if sft_weight < 0:
+        raise ConfigError(f"{source}: loss.sft_weight must be 0 (off) or positive, got {sft_weight}")
     stops = stop_ids(tok, template)
     pad = _pad_id(tok, stops)
     train_pairs, val_pairs, eval_tasks = preference_pairs(data, tcfg.seed)
@@ -270,7 +273,8 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
 
     def losses(model, b):
         from lmzoo.data.preference import concatenated
-        from lmzoo.objectives.logprobs import sequence_logps
+        from lmzoo.objectives.logprobs import sequence_logps, token_logps
+        from lmzoo.objectives.preference import sft_nll
 
         both = concatenated(b)
         logits = model(both["input_ids"], attention_mask=both["attention_mask"]).logits
@@ -284,7 +288,11 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
         else:
             per_pair = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=name,
                                 label_smoothing=float(lsec.get("label_smoothing", 0.0)))
-        return per_pair.mean(), dpo_metrics(pc, pr, rc, rr, beta=beta)
+        loss = per_pair.mean()
+        if sft_weight:  # RPO: + α · the chosen answers' NLL, which keeps their likelihood from sinking
+            n = len(pc)
+            loss = loss + sft_weight * sft_nll(*token_logps(logits[:n], both["labels"][:n]))
+        return loss, dpo_metrics(pc, pr, rc, rr, beta=beta)
 
     def step_fn(model, b):
         loss, metrics = losses(model, b)

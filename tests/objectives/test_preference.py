@@ -251,6 +251,35 @@ def test_dpo_matches_trl(tok, tmp_path, loss_type, beta, eps):
     assert_metrics(dpo_metrics(pc, pr, rc, rr, beta=beta), metrics_of(trainer._metrics["train"]))
 
 
+def test_dpo_plus_sft_term_matches_trl(tok, tmp_path):
+    """RPO: TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, α] is dpo_loss + α · sft_nll."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from lmzoo.objectives.preference import sft_nll
+
+    alpha = 0.7
+    args = DPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha], beta=0.5,
+                     **COMMON)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DPOTrainer(lm(0), lm(1), args=args, train_dataset=Dataset.from_dict(PAIRS), processing_class=tok)
+        b = one_batch(trainer)
+        want = trainer.compute_loss(trainer.model, b).item()
+    ids, att, cm = b["input_ids"], b["attention_mask"], b["completion_mask"]
+    pc, pr = seq_logps(trainer.model, ids, att, cm).chunk(2)
+    rc, rr = seq_logps(trainer.ref_model, ids, att, cm).chunk(2)
+    with torch.no_grad():  # the chosen rows' per-token log-probs, by hand
+        logits = trainer.model(input_ids=ids, attention_mask=att).logits.float()
+    lp = logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None])[..., 0]
+    n = len(pc)
+    nll = sft_nll(lp[:n], cm[:n, 1:].bool())
+    got = dpo_loss(pc, pr, rc, rr, beta=0.5).mean() + alpha * nll
+    assert abs(got.item() - want) <= 1e-5, (got.item(), want)
+    assert nll.item() > 0.5  # the term is not negligible: a real comparison
+    assert abs(nll.item() - (-(lp[:n] * cm[:n, 1:]).sum() / cm[:n, 1:].sum()).item()) < 1e-6  # token mean, by hand
+
+
 def _cpo_style_logps(model, b, average):
     """CPO/ORPO batches: chosen_* and rejected_* rows whose labels are −100 outside the completion."""
     return [seq_logps(model, b[f"{side}_input_ids"], b[f"{side}_attention_mask"],
