@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import lmzoo
-from lmzoo.errors import ConfigError
+from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.stages.pretrain import check_resume, check_sections
 from lmzoo.stages.sft import attach_lora, load_model, pick_template
 from lmzoo.train import TrainConfig, Trainer, TrainResult
@@ -111,8 +111,8 @@ def _encode(tok, pairs, template, data, what: str):
                             data.get("max_prompt_len"))
     except ConfigError:
         raise
-    except Exception as e:  # LmzooError with the pair's number: say which split
-        raise type(e)(f"{what} pairs: {e}") from None
+    except LmzooError as e:  # it names the pair's number: say which split
+        raise LmzooError(f"{what} pairs: {e}") from None
 
 
 class _Rows:
@@ -186,9 +186,12 @@ def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or
         loss = reward_loss(chosen, rejected, center_coefficient=center).mean()
         return loss, {"n_tokens": int(chosen.numel()), **reward_metrics(chosen, rejected)}
 
+    last = {}  # the held-out rewards of the latest evaluation (the final one draws the histogram)
+
     def held_out(model) -> dict:
-        chosen, rejected = _all_rewards(model, val_ex, pad)
-        m = reward_metrics(chosen, rejected)
+        last["rewards"] = _over_pairs(model, val_ex, pad, lambda m, both: m(
+            both["input_ids"], attention_mask=both["attention_mask"]).rewards)
+        m = reward_metrics(*last["rewards"])
         return {"accuracy": m["accuracy"], "margin": m["margin"]}
 
     if env.is_main:
@@ -201,23 +204,22 @@ def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or
     final = None
     if env.is_main:
         tok.chat_template = resolve_template(template)
-        final = lmzoo.save(trainer.model if not hasattr(trainer.model, "module") else trainer.model.module,
-                           out_dir / "final", tokenizer=tok)
-        chosen, rejected = _all_rewards(rm, val_ex, pad)
-        plot_reward(out_dir / "metrics.jsonl", chosen, rejected, out_dir / "reward.png")
+        final = lmzoo.save(getattr(trainer.model, "module", trainer.model), out_dir / "final", tokenizer=tok)
+        plot_reward(out_dir / "metrics.jsonl", *last["rewards"], out_dir / "reward.png")
     return PreferenceResult(result, final, None, result.initial_eval, result.eval, train_ex.summary())
 
 
 @torch.no_grad()
-def _all_rewards(model, examples, pad: int, batch: int = 32):
+def _over_pairs(model, examples, pad: int, per_row, batch: int = 32):
+    """(chosen, rejected) float32 (N,) of ``per_row(model, rows) -> (2B,)`` over every encoded pair, in eval
+    mode, in batches of ``batch`` pairs (chosen rows then rejected rows, ``concatenated``)."""
     from lmzoo.data.preference import PaddedPairs, concatenated
 
     was = model.training
     model.eval()
     rows, cs, rs = PaddedPairs(examples, pad), [], []
     for start in range(0, len(rows), batch):
-        both = concatenated(rows.batch(range(start, min(start + batch, len(rows)))))
-        c, r = model(both["input_ids"], attention_mask=both["attention_mask"]).rewards.float().chunk(2)
+        c, r = per_row(model, concatenated(rows.batch(range(start, min(start + batch, len(rows)))))).float().chunk(2)
         cs.append(c)
         rs.append(r)
     model.train(was)
@@ -260,7 +262,10 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
                 raise ConfigError(f"--ref {ref_dir}: its vocabulary ({ref_tok.vocab_size} tokens, vocab_size "
                                   f"{reference.config.vocab_size}) differs from the policy's ({tok.vocab_size}, "
                                   f"{model.config.vocab_size}); the log-probs would not compare")
-        ref = {split: _all_logps(reference, ex, pad, average) for split, ex in (("train", train_ex), ("val", val_ex))}
+        from lmzoo.objectives.logprobs import response_logps
+
+        logps = lambda m, both: response_logps(m, both["input_ids"], both["labels"], both["attention_mask"], average)  # noqa: E731
+        ref = {split: _over_pairs(reference, ex, pad, logps) for split, ex in (("train", train_ex), ("val", val_ex))}
         del reference
     if env.is_main:
         print(f"lmzoo dpo: {fam.name} from {model_dir}; loss {name} (beta {beta}); reference "
@@ -325,23 +330,6 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
 
 def _extra(ref, split: str) -> dict:
     return {} if ref is None else {"ref_chosen": ref[split][0], "ref_rejected": ref[split][1]}
-
-
-@torch.no_grad()
-def _all_logps(model, examples, pad: int, average: bool, batch: int = 32):
-    from lmzoo.data.preference import PaddedPairs, concatenated
-    from lmzoo.objectives.logprobs import response_logps
-
-    was = model.training
-    model.eval()
-    rows, cs, rs = PaddedPairs(examples, pad), [], []
-    for start in range(0, len(rows), batch):
-        both = concatenated(rows.batch(range(start, min(start + batch, len(rows)))))
-        c, r = response_logps(model, both["input_ids"], both["labels"], both["attention_mask"], average).chunk(2)
-        cs.append(c.float())
-        rs.append(r.float())
-    model.train(was)
-    return torch.cat(cs), torch.cat(rs)
 
 
 def _name(template: str) -> str:

@@ -316,20 +316,27 @@ def load_init_from(model_section: dict, tok_section: dict):
     if not (directory / "config.json").is_file():
         raise ConfigError(f"model: init_from {directory}: no config.json there (expected a directory written by "
                           "lmzoo.save, e.g. a run's final/)")
+    if not tok_section.get("path"):
+        return load_with_tokenizer(directory, "model: init_from", "give tokenizer.path")
     model = lmzoo.load(directory, dtype="float32")
-    if tok_section.get("path"):
-        tokenizer = lmzoo.load_tokenizer(tok_section["path"])
-        if tokenizer.vocab_size != model.config.vocab_size:
-            raise ConfigError(f"tokenizer: path {tok_section['path']} has {tokenizer.vocab_size} tokens, the model in "
-                              f"{directory} has vocab_size {model.config.vocab_size}")
-    else:
-        try:
-            tokenizer = lmzoo.load_tokenizer(directory)
-        except ConfigError as e:
-            raise ConfigError(f"model: init_from {directory} holds no tokenizer; give tokenizer.path ({e})") from e
-        if tokenizer.vocab_size > model.config.vocab_size:
-            raise ConfigError(f"model: init_from {directory}: its tokenizer has {tokenizer.vocab_size} tokens, more "
-                              f"than the model's vocab_size {model.config.vocab_size}")
+    tokenizer = lmzoo.load_tokenizer(tok_section["path"])
+    if tokenizer.vocab_size != model.config.vocab_size:
+        raise ConfigError(f"tokenizer: path {tok_section['path']} has {tokenizer.vocab_size} tokens, the model in "
+                          f"{directory} has vocab_size {model.config.vocab_size}")
+    return model, tokenizer
+
+
+def load_with_tokenizer(directory, where: str, hint: str):
+    """(model in float32, its own tokenizer) of a directory ``lmzoo.save`` wrote: the tokenizer must be
+    there and fit the model's vocabulary. ``where`` names the option in the errors, ``hint`` the remedy."""
+    model = lmzoo.load(directory, dtype="float32")
+    try:
+        tokenizer = lmzoo.load_tokenizer(directory)
+    except ConfigError as e:
+        raise ConfigError(f"{where} {directory} holds no tokenizer; {hint} ({e})") from e
+    if tokenizer.vocab_size > model.config.vocab_size:
+        raise ConfigError(f"{where} {directory}: its tokenizer has {tokenizer.vocab_size} tokens, more than the "
+                          f"model's vocab_size {model.config.vocab_size}")
     return model, tokenizer
 
 

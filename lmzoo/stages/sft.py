@@ -33,9 +33,10 @@ import torch
 import lmzoo
 from lmzoo.errors import ConfigError
 from lmzoo.models.config_base import check_integer
-from lmzoo.models.registry import family_of
 from lmzoo.train import TrainConfig, Trainer, TrainResult
-from lmzoo.stages.pretrain import check_resume, check_sections
+from lmzoo.interop.checkpoint import read_hf_config
+from lmzoo.models.registry import family_for_hf
+from lmzoo.stages.pretrain import check_resume, check_sections, load_with_tokenizer
 from lmzoo.train.distributed import setup
 
 SECTIONS = {
@@ -81,18 +82,11 @@ def load_model(model_dir: str | Path):
     if not (model_dir / "config.json").is_file():
         raise ConfigError(f"--model {model_dir}: no config.json there (a Hugging Face model directory, or a run's "
                           "final/)")
-    model = lmzoo.load(model_dir, dtype="float32")
-    fam = family_of(model.config)
-    if fam.shape not in ("causal decoder", "prefix decoder"):
+    fam = family_for_hf(read_hf_config(model_dir), str(model_dir / "config.json"))
+    if fam.shape not in ("causal decoder", "prefix decoder"):  # before any weight is read
         raise ConfigError(f"--model {model_dir} is a {fam.name} {fam.shape}; lmzoo sft trains causal decoders "
                           "(gpt2, llama, bloom, chatglm2, deepseek_v2) and the prefix decoder (chatglm)")
-    try:
-        tok = lmzoo.load_tokenizer(model_dir)
-    except ConfigError as e:
-        raise ConfigError(f"--model {model_dir} holds no tokenizer; SFT renders conversations with it ({e})") from e
-    if tok.vocab_size > model.config.vocab_size:
-        raise ConfigError(f"{model_dir}: its tokenizer has {tok.vocab_size} tokens, more than the model's vocab_size "
-                          f"{model.config.vocab_size}")
+    model, tok = load_with_tokenizer(model_dir, "--model", "SFT renders conversations with it")
     return model, tok, fam
 
 
@@ -170,6 +164,7 @@ def accuracy_hook(tok, tasks, template: str, eval_cfg: dict, stops: list[int], c
 def run(cfg: dict, model_dir: str | Path, out_dir: str | Path, *, lora: bool = False, qlora: bool = False,
         resume: bool = False, resume_or_start: bool = False, source: str = "config") -> SFTResult:
     """Finetune the decoder in ``model_dir`` as ``cfg`` says, into ``out_dir``."""
+    from lmzoo.data.sampler import Batches
     from lmzoo.data.sft import sft_batches
     from lmzoo.objectives import make_step_fn
     from lmzoo.tokenizers.chat import TEMPLATE_INFO, builtin_name, fold_system, stop_ids
@@ -205,12 +200,12 @@ def run(cfg: dict, model_dir: str | Path, out_dir: str | Path, *, lora: bool = F
                   overflow=data.get("overflow", "truncate"), train_on_prompt=bool(data.get("train_on_prompt", False)),
                   rank=env.rank, world_size=env.world_size)
     batches, examples = sft_batches(tok, train_convs, seq_len, batch // env.world_size, seed=tcfg.seed, **common)
-    _, val_examples = sft_batches(tok, val_convs, seq_len, batch // env.world_size, shuffle=False, epochs=1,
-                                  drop_last=False, **common)
+    val, val_examples = sft_batches(tok, val_convs, seq_len, batch // env.world_size, shuffle=False, epochs=1,
+                                    drop_last=False, **common)
 
-    def eval_batches():
-        return sft_batches(tok, val_convs, seq_len, batch // env.world_size, shuffle=False, epochs=1,
-                           drop_last=False, **common)[0]
+    def eval_batches():  # one pass over the held-out rows, encoded once above
+        return Batches(val.rows, val.batch_size, shuffle=False, epochs=1, rank=env.rank, world_size=env.world_size,
+                       drop_last=False)
 
     torch.manual_seed(tcfg.seed)  # the adapters' initial values
     note = attach_lora(model, lsec, qlora) if lora else f"full finetuning: {model.num_parameters():,} parameters"
