@@ -17,26 +17,11 @@ from lmzoo.data.preference import (PairBatches, PreferencePair, builtin_preferen
 from lmzoo.data.sft import IGNORE
 from lmzoo.data.tasks import check
 from lmzoo.errors import ConfigError, LmzooError
+from tests.data.test_sft import char_tokenizer  # one id per character
 from tests.shared_data import DATA, need
 
-SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>"]
 U = {"role": "user"}
 A = {"role": "assistant"}
-
-
-def char_tokenizer(text: str):
-    """One id per character (and per special), so token positions are character positions."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
-    from lmzoo.tokenizers.backends import TokenizersBackend
-
-    vocab = {t: i for i, t in enumerate(SPECIALS + sorted(set(text)))}
-    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    hf.decoder = decoders.Fuse()
-    hf.add_special_tokens(SPECIALS)
-    return lmzoo.Tokenizer(TokenizersBackend(hf, "chars"), roles={"unk": "<unk>", "eos": "<|im_end|>"})
 
 
 @pytest.fixture(scope="module")

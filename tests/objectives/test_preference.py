@@ -226,18 +226,23 @@ def assert_metrics(want: dict, trl_logged: dict, tol=1e-5):
         assert abs(value - trl_logged[key]) <= tol, (key, value, trl_logged[key])
 
 
-@pytest.mark.parametrize("loss_type, beta, eps", [("sigmoid", 0.5, 0.0), ("hinge", 0.5, 0.0), ("ipo", 0.5, 0.0),
-                                                  ("robust", 0.5, 0.2)])
-def test_dpo_matches_trl(tok, tmp_path, loss_type, beta, eps):
+def trl_dpo(tok, tmp_path, **config):
+    """(trainer, its one batch, TRL's loss on it): a DPOTrainer on lm(0) with reference lm(1)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    args = DPOConfig(output_dir=str(tmp_path), loss_type=loss_type, beta=beta, label_smoothing=eps, **COMMON)
+    args = DPOConfig(output_dir=str(tmp_path), **config, **COMMON)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = DPOTrainer(lm(0), lm(1), args=args, train_dataset=Dataset.from_dict(PAIRS), processing_class=tok)
         b = one_batch(trainer)
-        want = trainer.compute_loss(trainer.model, b).item()
+        return trainer, b, trainer.compute_loss(trainer.model, b).item()
+
+
+@pytest.mark.parametrize("loss_type, beta, eps", [("sigmoid", 0.5, 0.0), ("hinge", 0.5, 0.0), ("ipo", 0.5, 0.0),
+                                                  ("robust", 0.5, 0.2)])
+def test_dpo_matches_trl(tok, tmp_path, loss_type, beta, eps):
+    trainer, b, want = trl_dpo(tok, tmp_path, loss_type=loss_type, beta=beta, label_smoothing=eps)
     ids, att, cm = b["input_ids"], b["attention_mask"], b["completion_mask"]
     average = preference_loss(loss_type).length_normalised  # IPO: TRL takes per-token means
     pc, pr = seq_logps(trainer.model, ids, att, cm, average).chunk(2)  # rows are [chosen..., rejected...]
@@ -253,19 +258,10 @@ def test_dpo_matches_trl(tok, tmp_path, loss_type, beta, eps):
 
 def test_dpo_plus_sft_term_matches_trl(tok, tmp_path):
     """RPO: TRL's loss_type ["sigmoid", "sft"] with loss_weights [1, α] is dpo_loss + α · sft_nll."""
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-
     from lmzoo.objectives.preference import sft_nll
 
     alpha = 0.7
-    args = DPOConfig(output_dir=str(tmp_path), loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha], beta=0.5,
-                     **COMMON)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        trainer = DPOTrainer(lm(0), lm(1), args=args, train_dataset=Dataset.from_dict(PAIRS), processing_class=tok)
-        b = one_batch(trainer)
-        want = trainer.compute_loss(trainer.model, b).item()
+    trainer, b, want = trl_dpo(tok, tmp_path, loss_type=["sigmoid", "sft"], loss_weights=[1.0, alpha], beta=0.5)
     ids, att, cm = b["input_ids"], b["attention_mask"], b["completion_mask"]
     pc, pr = seq_logps(trainer.model, ids, att, cm).chunk(2)
     rc, rr = seq_logps(trainer.ref_model, ids, att, cm).chunk(2)

@@ -15,7 +15,6 @@ import yaml
 
 import lmzoo
 from lmzoo.cli.main import main
-from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.stages import sft
 
 ROOT = Path(__file__).resolve().parents[2]
