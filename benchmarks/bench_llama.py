@@ -198,15 +198,16 @@ def worker(spec: dict) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def make_checkpoint(a, directory: Path) -> int:
+def make_checkpoint(a, directory: Path, max_positions: int | None = None) -> int:
+    """A random transformers LLaMA of ``a``'s sizes saved to ``directory`` (both sides load it); its parameters."""
     import torch
     import transformers
 
     cfg = transformers.LlamaConfig(
         vocab_size=a.vocab, hidden_size=a.d_model, intermediate_size=a.d_ff, num_hidden_layers=a.n_layers,
         num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, rms_norm_eps=1e-5,
-        max_position_embeddings=max(a.prompt_len + a.new_tokens, a.train_seq), tie_word_embeddings=False,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        max_position_embeddings=max_positions or max(a.prompt_len + a.new_tokens, a.train_seq),
+        tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     torch.manual_seed(a.seed)
     model = transformers.LlamaForCausalLM(cfg)
     model.save_pretrained(directory, safe_serialization=True)
@@ -403,11 +404,17 @@ def parse_args(argv=None):
     p.add_argument("--busy-limit", type=float, default=0.1,
                    help="share of all CPU time that other processes may use while timing before a retry")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    for name, (default, quick, help_) in SIZES.items():
+    return parse_sizes(p, SIZES, argv)
+
+
+def parse_sizes(p: argparse.ArgumentParser, sizes: dict, argv=None) -> argparse.Namespace:
+    """Add one --flag per ``sizes`` entry (name -> (default, --quick value, help)), parse, and fill the
+    ones not given from --quick or the default; each must be >= 1 (``warmup`` >= 0)."""
+    for name, (default, quick, help_) in sizes.items():
         p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
                        help=f"{help_} (default {default}, --quick {quick})")
     a = p.parse_args(argv)
-    for name, (default, quick, _) in SIZES.items():
+    for name, (default, quick, _) in sizes.items():
         if getattr(a, name) is None:
             setattr(a, name, quick if a.quick else default)
         if getattr(a, name) < (0 if name == "warmup" else 1):

@@ -41,7 +41,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_llama import _cpu_snapshot, _others_share, _peak_kib, _reset_peak_rss, _status_kib, cpu_name  # noqa: E402
+from bench_llama import (_cpu_snapshot, _others_share, _peak_kib, _reset_peak_rss, _status_kib,  # noqa: E402
+                         cpu_name, parse_sizes)
+from bench_llama import make_checkpoint as llama_checkpoint  # noqa: E402
 
 MODES = ("full", "lora", "qlora")
 PRECISIONS = ("fp32", "bf16")
@@ -198,18 +200,7 @@ def memory_worker(spec: dict) -> dict:
 
 
 def make_checkpoint(a, directory: Path) -> int:
-    import torch
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=a.vocab, hidden_size=a.d_model, intermediate_size=a.d_ff, num_hidden_layers=a.n_layers,
-        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, rms_norm_eps=1e-5,
-        max_position_embeddings=a.seq_len, tie_word_embeddings=False, bos_token_id=None, eos_token_id=None,
-        pad_token_id=None)
-    torch.manual_seed(a.seed)
-    model = transformers.LlamaForCausalLM(cfg)
-    model.save_pretrained(directory, safe_serialization=True)
-    return sum(p.numel() for p in model.parameters())
+    return llama_checkpoint(a, directory, max_positions=a.seq_len)
 
 
 def make_adapters(a, model_dir: Path, scratch: Path) -> dict:
@@ -591,15 +582,7 @@ def parse_args(argv=None):
     p.add_argument("--mem-jobs", type=int, default=2, help="memory processes run at once")
     p.add_argument("--out-dir", type=Path, default=HERE / "results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    for name, (default, quick, help_) in SIZES.items():
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                       help=f"{help_} (default {default}, --quick {quick})")
-    a = p.parse_args(argv)
-    for name, (default, quick, _) in SIZES.items():
-        if getattr(a, name) is None:
-            setattr(a, name, quick if a.quick else default)
-        if getattr(a, name) < (0 if name == "warmup" else 1):
-            p.error(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'warmup' else '>= 1'}")
+    a = parse_sizes(p, SIZES, argv)
     a.memory_modes = [m for m in (a.memory_modes or a.modes) if m in a.modes]
     if a.warmup >= a.steps:
         p.error("--warmup must be smaller than --steps")
