@@ -49,14 +49,11 @@ one forward (chosen first, TRL's layout).
 **Unpaired (KTO).** ``read_unpaired`` reads ``{prompt, completion, label: bool}`` records
 (TRL's unpaired format) and ``encode_unpaired`` encodes them the same way, with a ``desirable`` flag.
 
-**Built-in data** (no ``--data``): ``builtin_preference_data`` turns the verifiable tasks of
-``lmzoo.data.tasks`` into pairs: the correct answer chosen over a plausible wrong one (off by one or
-ten, two digits swapped, two numbers of a sorted list out of order), plus held-out tasks.
+**Built-in data** (no ``--data``) lives in ``lmzoo.data.builtin_preference``.
 """
 
 from __future__ import annotations
 
-import random
 import re
 from dataclasses import dataclass, field
 
@@ -65,7 +62,6 @@ import torch
 from lmzoo.data.conversations import Message, _from_sharegpt, _list, _string, check_conversation, read_records
 from lmzoo.data.sampler import Batches
 from lmzoo.data.sft import IGNORE, OVERFLOW, _pad_id
-from lmzoo.data.tasks import Task, check, make_tasks
 from lmzoo.errors import ConfigError, LmzooError
 
 
@@ -483,65 +479,3 @@ def encode_unpaired(tok, examples, template: str | None = None, max_len: int = 5
     if not out.input_ids:
         raise LmzooError(f"no example is left: {out.summary()}")
     return out
-
-
-# -- built-in pairs from the verifiable tasks ------------------------------------------------------
-
-
-def _near(n: int, r: random.Random) -> int:
-    """A plausible wrong number: off by one or ten, or two adjacent different digits swapped."""
-    s = str(n)
-    swaps = [int(s[:i] + s[i + 1] + s[i] + s[i + 2:]) for i in range(len(s) - 1)
-             if s[i] != s[i + 1] and not (i == 0 and s[1] == "0")]
-    return r.choice(sorted({n + 1, n - 1, n + 10, n - 10, *swaps} - {n} - set(range(-10, 0))))
-
-
-def wrong_answer(task: Task, r: random.Random) -> str:
-    """A plausible answer to ``task`` that ``check`` rejects."""
-    from lmzoo.data.numerals import from_chinese, to_chinese
-
-    if task.kind == "sort":
-        xs = [int(x) for x in task.answer.split()]
-        swaps = [i for i in range(len(xs) - 1) if xs[i] != xs[i + 1]]
-        if swaps:
-            i = r.choice(swaps)
-            xs[i], xs[i + 1] = xs[i + 1], xs[i]
-        else:  # all equal: no order is wrong, so one number goes missing
-            xs = xs[:-1]
-        wrong = " ".join(map(str, xs))
-    elif task.kind == "to_chinese":
-        wrong = to_chinese(_near(from_chinese(task.answer), r))
-    else:
-        wrong = str(_near(int(task.answer), r))
-    if check(task, wrong):  # cannot happen by construction; never ship a "wrong" answer that is right
-        raise LmzooError(f"internal: the wrong answer {wrong!r} passes {task}")
-    return wrong
-
-
-@dataclass
-class BuiltinPreference:
-    train: list[PreferencePair]
-    train_tasks: list[Task]  # train[i] asks train_tasks[i]
-    eval_tasks: list[Task]  # held out: no prompt among the training prompts
-
-
-def builtin_preference_data(n: int = 2000, seed: int = 0, lang: str = "mixed", level: str = "full",
-                            n_eval: int = 200, kinds="all") -> BuiltinPreference:
-    """``n`` pairs (a task's prompt, its answer chosen over a wrong one) and ``n_eval`` held-out tasks;
-    ``kinds``, ``lang`` and ``level`` as ``lmzoo.data.tasks.make_tasks``. Deterministic for a seed."""
-    if n < 1 or n_eval < 0:
-        raise LmzooError(f"n must be at least 1 and n_eval at least 0, got n={n}, n_eval={n_eval}")
-    r = random.Random(seed)
-    tasks = make_tasks(kinds, n, seed=seed, lang=lang, level=level)
-    train = [PreferencePair(_user(t.prompt, "prompt"), t.answer, wrong_answer(t, r)) for t in tasks]
-    seen, eval_tasks = {t.prompt for t in tasks}, []
-    for k in range(1, 51):  # fresh seeds until enough unseen prompts
-        for t in make_tasks(kinds, 2 * n_eval, seed=seed * 1_000_003 + 7919 * k, lang=lang, level=level):
-            if t.prompt not in seen and len(eval_tasks) < n_eval:
-                seen.add(t.prompt)
-                eval_tasks.append(t)
-        if len(eval_tasks) == n_eval:
-            break
-    else:
-        raise LmzooError(f"could not find {n_eval} task prompts unseen in training")
-    return BuiltinPreference(train=train, train_tasks=tasks, eval_tasks=eval_tasks)

@@ -70,7 +70,8 @@ def check_config(cfg: dict, source: str = "config") -> None:
 
 def preference_pairs(data: dict, seed: int):
     """(train pairs, held-out pairs, held-out tasks or None): files split by val_fraction, or built-in."""
-    from lmzoo.data.preference import PreferencePair, builtin_preference_data, read_pairs, wrong_answer
+    from lmzoo.data.builtin_preference import builtin_preference_data, wrong_answer
+    from lmzoo.data.preference import PreferencePair, read_pairs
     from lmzoo.data.sft import split_conversations
 
     if data.get("files"):

@@ -11,7 +11,8 @@ import torch
 
 import lmzoo
 from lmzoo.data.conversations import SHAREGPT_ROLES
-from lmzoo.data.preference import (PairBatches, PreferencePair, builtin_preference_data, concatenated,
+from lmzoo.data.builtin_preference import builtin_preference_data
+from lmzoo.data.preference import (PairBatches, PreferencePair, concatenated,
                                    detect_pair_format, encode_pairs, encode_unpaired, parse_hh, read_pairs,
                                    read_unpaired, to_pair)
 from lmzoo.data.sft import IGNORE
