@@ -3,6 +3,9 @@ task's correct answer chosen over a wrong one, plus held-out tasks for evaluatio
 
 - ``builtin_preference_data``: the wrong answer is made by rule, a plausible near miss (off by one or
   ten, two digits swapped, two numbers of a sorted list out of order): fast, needs no model.
+- ``policy_pairs``: the wrong answer is the model's own (``data.builtin.rejected: policy``): replies
+  sampled from the starting model (``lmzoo.eval.sampled_replies``), checked, and a wrong one kept as
+  the rejected answer; DPO with the SFT term learns most from these (measured in docs/preference.md).
 """
 
 from __future__ import annotations
@@ -72,3 +75,40 @@ def builtin_preference_data(n: int = 2000, seed: int = 0, lang: str = "mixed", l
     else:
         raise LmzooError(f"could not find {n_eval} task prompts unseen in training")
     return BuiltinPreference(train=train, train_tasks=tasks, eval_tasks=eval_tasks)
+
+
+@dataclass
+class PolicyPairs:
+    pairs: list[PreferencePair]
+    counts: dict  # prompts, sampled, right (share of sampled replies that check), pairs, all_right
+
+    def summary(self) -> str:
+        c = self.counts
+        return (f"{c['pairs']} pairs from {c['prompts']} prompts × {c['samples']} sampled replies "
+                f"({c['right']:.0%} of replies right; {c['all_right']} prompts with no wrong reply left out)")
+
+
+def policy_pairs(tasks: list[Task], replies: list[list[str]]) -> PolicyPairs:
+    """On-policy pairs: for each task, the model's own replies (``replies[i]`` answer ``tasks[i]``), the
+    task's right answer chosen over the first reply ``check`` rejects. A prompt whose every reply is
+    right has no mistake to learn from and is left out (counted). Chosen is the task's canonical answer,
+    not a sampled right reply, so every chosen answer is in the trained form.
+
+    Why: the rule-made near misses of ``builtin_preference_data`` are answers the model rarely gives
+    (their log-probability sits far below the chosen one's from the start), so DPO has little to move
+    there and mostly pushes both down; the model's own mistakes are where its greedy answers go wrong
+    (the "online" or on-policy pairs of Iterative RPO, Pang et al. 2024, and of RLHF's sampled pairs)."""
+    if len(tasks) != len(replies):
+        raise LmzooError(f"internal: {len(tasks)} tasks but {len(replies)} reply lists")
+    pairs, n_right, n_all_right = [], 0, 0
+    for t, rs in zip(tasks, replies):
+        wrong = [x for x in rs if x.strip() and not check(t, x)]
+        n_right += sum(check(t, x) for x in rs)
+        if not wrong:
+            n_all_right += 1
+            continue
+        pairs.append(PreferencePair(_user(t.prompt, "prompt"), t.answer, wrong[0]))
+    n_samples = sum(len(rs) for rs in replies)
+    counts = {"prompts": len(tasks), "samples": n_samples // max(1, len(tasks)), "right": n_right / max(1, n_samples),
+              "pairs": len(pairs), "all_right": n_all_right}
+    return PolicyPairs(pairs, counts)

@@ -1,10 +1,10 @@
-"""Reward model = any causal decoder + a scalar head read at the last non-pad token.
+"""Reward model = any decoder + a scalar head read at the last non-pad token.
 
 On disk it is transformers' ``<Arch>ForSequenceClassification`` with ``num_labels: 1``
 (``LlamaForSequenceClassification``, ``GPT2ForSequenceClassification``, ``BloomForSequenceClassification``,
 ``GlmForSequenceClassification``, ``DeepseekV2ForSequenceClassification``): the family's causal-LM keys
 without ``lm_head`` plus ``score.weight`` (1, D). The family record names that class
-(``Family.hf_sequence_classifier``); families without one (encoders, the GLM prefix decoder) have no
+(``Family.hf_sequence_classifier``); families without one (encoders, encoder-decoders) have no
 reward-model layout and are refused.
 
 What transformers does, and so what this does:
@@ -16,6 +16,20 @@ diff from transformers: a left-padded row counts its positions from its first re
 derives them from ``attention_mask``), so its reward equals the unpadded row's; transformers'
 ForSequenceClassification gives pads positions 0..k-1 unless it is given ``position_ids`` (pass
 ``position_ids=torch.arange(T)[None]`` to forward() to reproduce that).
+
+ChatGLM-6B (the GLM prefix decoder) has no such class anywhere: transformers has no ``chatglm`` model,
+and THUDM's remote code for it (modeling_chatglm.py) has only ChatGLMModel and
+ChatGLMForConditionalGeneration. Its reward model is written the same way as the others: the release's
+keys (``transformer.*``) without ``lm_head``, plus ``score.weight``, with ``architectures:
+["ChatGLMForSequenceClassification"]`` (the release's ``ChatGLM`` prefix, transformers' suffix; the name
+``lmzoo.load`` reads as a reward model). ChatGLM2/3's remote code has a class of that name with another
+head (``classifier_head`` with a bias, read at the last position whatever the padding) over another
+decoder layout; it does not read these files, and ``model_type: chatglm`` with ``position_encoding_2d``
+says which model they are. With no reference class, tests/models/test_reward_model.py checks the rewards
+against a direct computation: the causal model's final hidden states at the last real token times
+``score.weight``. Its rows must carry [gMASK] <sop> (the prompt's end) as every ChatGLM-6B input does.
+A reward checkpoint's ``auto_map`` keeps no ``AutoModel*`` entry: those name the causal-LM class,
+which would read the file as a language model with a missing head.
 """
 
 from __future__ import annotations
@@ -34,6 +48,8 @@ from lmzoo.nn.transformer import DecoderLM
 
 # config.json fields that describe the head; the decoder's config does not carry them
 _HEAD_FIELDS = ("id2label", "label2id", "num_labels")
+# the shapes whose last token has read the whole row (causally, or the prompt bidirectionally)
+_DECODERS = ("causal decoder", "prefix decoder")
 
 
 @dataclass
@@ -66,10 +82,10 @@ def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch
 
 def _reward_family(config) -> Family:
     fam = family_of(config)
-    if fam.shape != "causal decoder" or not fam.hf_sequence_classifier:
+    if fam.shape not in _DECODERS or not fam.hf_sequence_classifier:
         able = sorted(f.name for f in families().values() if f.hf_sequence_classifier)
         raise ConfigError(f"family '{fam.name}' ({fam.shape}) has no reward-model layout: a reward model is a "
-                          f"causal decoder with a score head; families that have one: {able}")
+                          f"decoder (causal or prefix) with a score head; families that have one: {able}")
     return fam
 
 
@@ -83,7 +99,7 @@ class RewardModel(nn.Module):
         super().__init__()
         _reward_family(getattr(decoder, "config", None))
         if not isinstance(decoder, DecoderLM):
-            raise ConfigError(f"a reward model wraps a causal decoder (DecoderLM), got {type(decoder).__name__}")
+            raise ConfigError(f"a reward model wraps a decoder (DecoderLM), got {type(decoder).__name__}")
         self.decoder = decoder
         self.decoder.lm_head = NoHead()  # transformers' ForSequenceClassification has no LM head either
         self.config = decoder.config
@@ -111,11 +127,15 @@ class RewardModel(nn.Module):
         return reward_keymap(base)
 
     def hf_config(self, hf: dict) -> dict:
-        """The decoder's config.json as ``<Arch>ForSequenceClassification`` with one label."""
+        """The decoder's config.json as ``<Arch>ForSequenceClassification`` with one label (and no
+        ``auto_map`` entry naming the causal-LM class)."""
         fam = _reward_family(self.config)
         hf = {k: v for k, v in hf.items() if k not in _HEAD_FIELDS}
-        hf = {**hf, "architectures": [fam.hf_sequence_classifier], "id2label": {"0": "LABEL_0"},
+        hf = {**hf, "architectures": [fam.hf_sequence_classifier], "num_labels": 1, "id2label": {"0": "LABEL_0"},
               "label2id": {"LABEL_0": 0}}
+        auto = {k: v for k, v in (hf.pop("auto_map", None) or {}).items() if not k.startswith("AutoModel")}
+        if auto:
+            hf["auto_map"] = auto
         if self.pad_token_id is not None:
             hf["pad_token_id"] = self.pad_token_id
         return hf

@@ -44,7 +44,9 @@ SECTIONS = {"data": {"files", "format", "template", "max_len", "max_prompt_len",
             "lora": {"enabled", "qlora", "r", "alpha", "dropout", "targets", "rslora"},
             "eval": {"accuracy", "n", "max_new_tokens", "batch_size"},
             "train": None}
-BUILTIN_KEYS = {"n", "n_eval", "lang", "level", "kinds", "seed"}
+BUILTIN_DEFAULTS = {"n": 2000, "n_eval": 100, "lang": "mixed", "level": "full", "kinds": "all", "rejected": "rule",
+                    "samples": 4, "temperature": 0.7}
+BUILTIN_KEYS = {"seed", *BUILTIN_DEFAULTS}
 
 
 @dataclass
@@ -63,29 +65,74 @@ def check_config(cfg: dict, source: str = "config") -> None:
     builtin = data.get("builtin") or {}
     if not isinstance(builtin, dict) or set(builtin) - BUILTIN_KEYS:
         raise ConfigError(f"{source}: data.builtin takes {sorted(BUILTIN_KEYS)}")
+    if builtin.get("rejected", "rule") not in ("rule", "policy"):
+        raise ConfigError(f"{source}: data.builtin.rejected must be rule (made-up near misses) or policy (the "
+                          f"model's own wrong replies), got {builtin['rejected']!r}")
+    for key, low in (("samples", 1), ("temperature", 0)):
+        v = builtin.get(key, low + 1)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low or (key == "samples" and v != int(v)):
+            raise ConfigError(f"{source}: data.builtin.{key} must be {'an integer ≥ 1' if low else '≥ 0'}, got {v!r}")
     beta = (cfg.get("loss") or {}).get("beta")
     if beta is not None and (not isinstance(beta, (int, float)) or beta <= 0):
         raise ConfigError(f"{source}: loss.beta must be a positive number, got {beta!r}")
 
 
-def preference_pairs(data: dict, seed: int):
-    """(train pairs, held-out pairs, held-out tasks or None): files split by val_fraction, or built-in."""
-    from lmzoo.data.builtin_preference import builtin_preference_data, wrong_answer
+def preference_pairs(data: dict, seed: int, sample=None):
+    """(train pairs, held-out pairs, held-out tasks or None, a note on how they were made): files split
+    by val_fraction, or built-in. Built-in rejected answers are rule-made near misses
+    (``builtin.rejected: rule``) or the model's own wrong replies (``policy``): ``sample(tasks, seed)``
+    gives ``builtin.samples`` replies per task, and a held-out task the model always answers right
+    keeps a rule-made wrong answer, so every held-out task has a pair."""
+    from lmzoo.data.builtin_preference import builtin_preference_data, policy_pairs, wrong_answer
     from lmzoo.data.preference import PreferencePair, read_pairs
     from lmzoo.data.sft import split_conversations
 
     if data.get("files"):
         pairs = [p for f in data["files"] for p in read_pairs(f, fmt=data.get("format"))]
         train, val = split_conversations(pairs, float(data.get("val_fraction", 0.05)), seed)
-        return train, val, None
-    opts = {"n": 2000, "n_eval": 100, "lang": "mixed", "level": "full", "kinds": "all", "seed": seed,
-            **(data.get("builtin") or {})}
+        return train, val, None, ""
+    opts = {**BUILTIN_DEFAULTS, "seed": seed, **(data.get("builtin") or {})}
     built = builtin_preference_data(n=opts["n"], seed=opts["seed"], lang=opts["lang"], level=opts["level"],
                                     n_eval=opts["n_eval"], kinds=opts["kinds"])
     r = random.Random(opts["seed"] + 1)
     held = [PreferencePair([{"role": "user", "content": t.prompt}], t.answer, wrong_answer(t, r))
             for t in built.eval_tasks]
-    return built.train, held, built.eval_tasks
+    if opts["rejected"] == "rule":
+        return built.train, held, built.eval_tasks, "rule-made wrong answers"
+    if sample is None:
+        raise ConfigError("data.builtin.rejected: policy needs the model to sample from")
+    train = policy_pairs(built.train_tasks, sample(built.train_tasks, opts["seed"]))
+    if not train.pairs:
+        raise LmzooError(f"data.builtin.rejected: policy: {train.summary()}: nothing to learn from (the model "
+                         "answers every training prompt right); use rejected: rule or harder tasks (level: full)")
+    own = policy_pairs(built.eval_tasks, sample(built.eval_tasks, opts["seed"] + 1))
+    mine = {p.prompt[0]["content"]: p for p in own.pairs}
+    held = [mine.get(p.prompt[0]["content"], p) for p in held]
+    return train.pairs, held, built.eval_tasks, (f"the model's own wrong replies: train {train.summary()}; held out "
+                                                 f"{own.counts['pairs']} of {len(held)} from its replies")
+
+
+def policy_sampler(model, tok, template: str, cfg: dict, stops: list[int], env):
+    """``sample(tasks, seed)``: ``data.builtin.samples`` replies of ``model`` to each task at
+    ``data.builtin.temperature``, through the one inference engine, with a progress line."""
+    from lmzoo.data.instructions import task_messages
+    from lmzoo.eval import sampled_replies
+
+    opts = {**BUILTIN_DEFAULTS, **((cfg.get("data") or {}).get("builtin") or {})}
+    max_new = int((cfg.get("eval") or {}).get("max_new_tokens", 24))
+    context = getattr(model.config, "max_positions", None)
+
+    def progress(done: int, total: int) -> None:
+        if env.is_main and sys.stderr.isatty():
+            print(f"\rsampling the model's replies: {done}/{total}", end="" if done < total else "\n",
+                  file=sys.stderr, flush=True)
+
+    def sample(tasks, seed: int) -> list[list[str]]:
+        return sampled_replies(model, tok, [task_messages(t) for t in tasks], template, n=int(opts["samples"]),
+                               temperature=float(opts["temperature"]), seed=seed, max_new_tokens=max_new,
+                               stop_ids=stops, batch_size=64, max_len=context, progress=progress)
+
+    return sample
 
 
 def _prepare(cfg: dict, model_dir, out_dir, resume, resume_or_start, source):
@@ -95,12 +142,24 @@ def _prepare(cfg: dict, model_dir, out_dir, resume, resume_or_start, source):
     out_dir = Path(out_dir)
     check_resume(out_dir, resume, resume_or_start)
     env = setup(tcfg.parallel, tcfg.device)
-    model, tok, fam = load_model(model_dir)
-    if fam.shape != "causal decoder":
-        raise ConfigError(f"--model {model_dir}: preference training takes a causal decoder; {fam.name} is a "
-                          f"{fam.shape}")
+    model, tok, fam = load_model(model_dir)  # a causal or a prefix decoder; anything else is refused there
     data = cfg.get("data") or {}
     template = pick_template(tok, data.get("template"), fam)
+    if fam.shape == "prefix decoder":  # GLM reads its prefix and 2D positions off each row's [gMASK] <sop>
+        from lmzoo.data.preference import encode_response
+
+        tail = list(model.prompt_tail())  # the tokens every prompt must end with, right before the response
+        ids, _, start = encode_response(tok, [{"role": "user", "content": "1 + 1?"}], "2", template)
+        if ids[max(0, start - len(tail)):start] != tail:
+            raise ConfigError(f"--model {model_dir}: {fam.name} reads its prefix off {tok.decode(tail)!r} (ids "
+                              f"{tail}) at the end of each prompt, and chat template {_name(template)!r} does not "
+                              f"put them there; use --template {fam.chat_template}")
+        max_len = data.get("max_len", 256)
+        kept = data.get("max_prompt_len") or max_len // 2  # what truncation keeps of a prompt, from its end
+        if kept < len(tail):
+            given = "" if data.get("max_prompt_len") else f" (max_len {max_len} // 2)"
+            raise ConfigError(f"{source}: data.max_prompt_len is {kept}{given}, but a truncated {fam.name} prompt "
+                              f"must keep its last {len(tail)} tokens {tok.decode(tail)!r}")
     return cfg, tcfg, out_dir, env, model, tok, fam, data, template
 
 
@@ -172,7 +231,8 @@ def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or
     pad = _pad_id(tok, stop_ids(tok, template), for_reward=True)
     torch.manual_seed(tcfg.seed)  # the score head's initial values
     rm = lmzoo.reward_model(model, pad_token_id=pad)
-    train_pairs, val_pairs, _ = preference_pairs(data, tcfg.seed)
+    sample = policy_sampler(model, tok, template, cfg, stop_ids(tok, template), env)
+    train_pairs, val_pairs, _, made = preference_pairs(data, tcfg.seed, sample)
     train_ex, val_ex = _encode(tok, train_pairs, template, data, "train"), _encode(tok, val_pairs, template, data,
                                                                                    "held-out")
     batch = data.get("batch_size", 16)
@@ -197,7 +257,8 @@ def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or
 
     if env.is_main:
         print(f"lmzoo reward: {fam.name} from {model_dir} with a new score head; template "
-              f"{_name(template)}; train pairs: {train_ex.summary()}; held out: {val_ex.summary()}", file=sys.stderr)
+              f"{_name(template)}; train pairs: {train_ex.summary()}; held out: {val_ex.summary()}"
+              f"{_made(made)}", file=sys.stderr)
     tcfg.extra = {**tcfg.extra, "stage": "reward", "family": fam.name, "model": str(model_dir)}
     trainer = Trainer(rm, _batches(train_ex, batch, env, tcfg, pad), step_fn, tcfg, out_dir, env=env,
                       eval_hooks=[held_out])
@@ -250,19 +311,20 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
         raise ConfigError(f"{source}: loss.sft_weight must be 0 (off) or positive, got {sft_weight}")
     stops = stop_ids(tok, template)
     pad = _pad_id(tok, stops)
-    train_pairs, val_pairs, eval_tasks = preference_pairs(data, tcfg.seed)
+    reference = model if kind.reference else None
+    if kind.reference and ref_dir is not None:  # checked before any sampling or log-prob is computed
+        reference, ref_tok, _ = load_model(ref_dir)
+        if ref_tok.vocab_size != tok.vocab_size or reference.config.vocab_size != model.config.vocab_size:
+            raise ConfigError(f"--ref {ref_dir}: its vocabulary ({ref_tok.vocab_size} tokens, vocab_size "
+                              f"{reference.config.vocab_size}) differs from the policy's ({tok.vocab_size}, "
+                              f"{model.config.vocab_size}); the log-probs would not compare")
+    train_pairs, val_pairs, eval_tasks, made = preference_pairs(data, tcfg.seed,
+                                                                policy_sampler(model, tok, template, cfg, stops, env))
     train_ex, val_ex = _encode(tok, train_pairs, template, data, "train"), _encode(tok, val_pairs, template, data,
                                                                                    "held-out")
     average = kind.length_normalised
     ref = None
-    if kind.reference:  # log π_ref of every response, once, before the policy moves
-        reference = model
-        if ref_dir is not None:
-            reference, ref_tok, _ = load_model(ref_dir)
-            if ref_tok.vocab_size != tok.vocab_size or reference.config.vocab_size != model.config.vocab_size:
-                raise ConfigError(f"--ref {ref_dir}: its vocabulary ({ref_tok.vocab_size} tokens, vocab_size "
-                                  f"{reference.config.vocab_size}) differs from the policy's ({tok.vocab_size}, "
-                                  f"{model.config.vocab_size}); the log-probs would not compare")
+    if reference is not None:  # log π_ref of every response, once, before the policy moves
         from lmzoo.objectives.logprobs import response_logps
 
         logps = lambda m, both: response_logps(m, both["input_ids"], both["labels"], both["attention_mask"], average)  # noqa: E731
@@ -271,7 +333,7 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
     if env.is_main:
         print(f"lmzoo dpo: {fam.name} from {model_dir}; loss {name} (beta {beta}); reference "
               f"{'none' if ref is None else (ref_dir or 'the starting model')}; template {_name(template)}; train "
-              f"pairs: {train_ex.summary()}; held out: {val_ex.summary()}", file=sys.stderr)
+              f"pairs: {train_ex.summary()}; held out: {val_ex.summary()}{_made(made)}", file=sys.stderr)
     torch.manual_seed(tcfg.seed)
     lora = lora or qlora or bool(lora_sec.get("enabled"))
     if lora:
@@ -331,6 +393,10 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
 
 def _extra(ref, split: str) -> dict:
     return {} if ref is None else {"ref_chosen": ref[split][0], "ref_rejected": ref[split][1]}
+
+
+def _made(note: str) -> str:
+    return f"; rejected answers: {note}" if note else ""
 
 
 def _name(template: str) -> str:

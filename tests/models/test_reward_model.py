@@ -1,7 +1,8 @@
 """Reward models against transformers' <Arch>ForSequenceClassification (num_labels 1): tiny random
 classifiers loaded by lmzoo give the same rewards on right- and left-padded batches; a causal LM turned
 into a reward model keeps its decoder, saves in the classifier layout and transformers scores it the
-same; lmzoo.score batches and pads without changing a reward; refusals."""
+same; lmzoo.score batches and pads without changing a reward; refusals. ChatGLM-6B (the prefix decoder),
+which no transformers class covers: its rewards against a direct computation from the release's weights."""
 
 import json
 
@@ -12,7 +13,7 @@ from safetensors import safe_open
 transformers = pytest.importorskip("transformers")
 
 import lmzoo  # noqa: E402
-from lmzoo.errors import CheckpointError, ConfigError  # noqa: E402
+from lmzoo.errors import CheckpointError, ConfigError, LmzooError  # noqa: E402
 from lmzoo.models.registry import get_family  # noqa: E402
 from lmzoo.models.reward import RewardModel  # noqa: E402
 from tests.parity import max_diff  # noqa: E402
@@ -55,8 +56,8 @@ def _batch(seed: int = 0, B: int = 3, T: int = 9):
     return rows, T
 
 
-def _pad(rows, T, side):
-    ids = torch.full((len(rows), T), PAD)
+def _pad(rows, T, side, pad=PAD):
+    ids = torch.full((len(rows), T), pad)
     mask = torch.zeros_like(ids)
     for k, r in enumerate(rows):
         sl = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
@@ -164,6 +165,69 @@ def test_score_batches_texts_and_ids_like_single_rows(tmp_path):
     assert max(abs(a - b) for a, b in zip(by_ids, alone)) <= TOL
     assert max(abs(a - b) for a, b in zip(by_text, alone)) <= TOL
     assert lmzoo.score(rm, texts[1], tok, add_special_tokens=False) == pytest.approx([alone[1]], abs=TOL)
+
+
+# -- ChatGLM-6B: no class to compare with, so a direct computation (lmzoo/models/reward.py) ------------
+
+
+def _glm_rows():
+    """Three ChatGLM-6B rows of different lengths: prompt tokens, [gMASK] <sop>, a response, <eop>."""
+    from tests.models.chatglm.test_parity import EOP, GMASK, SOP
+
+    return [[5, 6, 7, GMASK, SOP, 8, 9, EOP], [10, 11, GMASK, SOP, 12, EOP],
+            [13, 14, 15, 16, 17, GMASK, SOP, 18, 19, 20, 21, EOP]]
+
+
+def test_chatglm_rewards_equal_a_direct_computation_and_the_layout_reloads(tmp_path):
+    """The release checkpoint plus a score head: each reward equals the reference forward's final hidden
+    state at the row's last token times score.weight (tests/models/chatglm/test_parity.py's reference, with
+    score.weight as its head), padded on either side; saved, it is the release's keys without lm_head plus
+    score.weight, and reloads with the same rewards."""
+    from tests.models.chatglm import test_parity as glm
+
+    sd = glm.original_state(glm.HP)
+    glm.write_original(tmp_path / "release", sd, glm.original_config())
+    rm = lmzoo.reward_model(tmp_path / "release")
+    assert rm.pad_token_id == glm.PAD
+    rows = _glm_rows()
+    head = {**sd, "lm_head.weight": rm.score.weight.detach()}  # the reference's (B, T, 1) "logits" are scores
+    with torch.no_grad():
+        want = torch.stack([glm.reference_logits(head, glm.HP, torch.tensor([r]))[0, -1, 0] for r in rows])
+        for side in ("right", "left"):
+            ids, mask = _pad([torch.tensor(r) for r in rows], 12, side, pad=glm.PAD)
+            assert max_diff(rm(ids, attention_mask=mask).rewards, want) <= TOL, side
+    assert want.abs().min() > 1e-3  # real scores, not a vacuous zero
+
+    lmzoo.save(rm, tmp_path / "rm")
+    hf_cfg = json.loads((tmp_path / "rm" / "config.json").read_text())
+    assert hf_cfg["architectures"] == ["ChatGLMForSequenceClassification"] and hf_cfg["num_labels"] == 1
+    assert hf_cfg["id2label"] == {"0": "LABEL_0"} and hf_cfg["pad_token_id"] == glm.PAD
+    assert hf_cfg["model_type"] == "chatglm" and hf_cfg["position_encoding_2d"] is True
+    assert "auto_map" not in hf_cfg  # the release's only entry, AutoModel, names the causal LM
+    with safe_open(str(tmp_path / "rm" / "model.safetensors"), "pt") as f:
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    decoder = {k for k in sd if k != "lm_head.weight" and not k.endswith("rotary_emb.inv_freq")}
+    assert set(saved) == decoder | {"score.weight"}
+    for k in decoder:  # the release's tensors under the release's names
+        torch.testing.assert_close(saved[k], sd[k], rtol=0, atol=0)
+    again = lmzoo.load(tmp_path / "rm")
+    assert isinstance(again, RewardModel) and again.pad_token_id == glm.PAD
+    scores = lmzoo.score(tmp_path / "rm", rows, batch_size=3)
+    assert max(abs(a - b) for a, b in zip(scores, want.tolist())) <= TOL
+
+    hf_cfg.update(num_labels=2, id2label={"0": "A", "1": "B"})  # a classifier, not a reward model
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(hf_cfg))
+    with pytest.raises(CheckpointError, match="one label"):
+        lmzoo.load(tmp_path / "rm")
+
+
+def test_a_chatglm_row_without_gmask_and_sop_is_one_clear_error(tmp_path):
+    from tests.models.chatglm import test_parity as glm
+
+    glm.write_original(tmp_path, glm.original_state(glm.HP), glm.original_config())
+    rm = lmzoo.reward_model(tmp_path)
+    with pytest.raises(LmzooError, match=r"lacks \[gMASK\].*<sop>"):
+        lmzoo.score(rm, [[5, 6, 7, 8]])
 
 
 # -- refusals -------------------------------------------------------------------------------------

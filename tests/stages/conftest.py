@@ -1,5 +1,11 @@
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+PRETRAIN_STEPS = 150
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +16,24 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory) -> Path:
+    """A 0.86M-parameter LLaMA (``configs/llama/tiny.yaml``) pretrained for 150 steps on a slice of the
+    built-in corpus with its own tokenizer: the start of the end-to-end stage tests (SFT, then preference
+    learning), built once per session."""
+    from lmzoo.stages import pretrain
+
+    tmp = tmp_path_factory.mktemp("pretrained")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pre = yaml.safe_load((ROOT / "configs" / "llama" / "tiny.yaml").read_text())
+    for k, v in {"train.steps": PRETRAIN_STEPS, "train.progress": False, "train.plot": False, "train.eval_every": 0,
+                 "data.builtin_scale": 0.05, "data.seq_len": 64, "tokenizer.max_chars": 80_000,
+                 "data.cache_dir": str(tmp / "cache")}.items():
+        pretrain.set_path(pre, k, v)
+    try:
+        return pretrain.run(pre, tmp / "pre").final_dir
+    finally:
+        torch.set_num_threads(before)

@@ -164,17 +164,10 @@ def test_a_conversation_too_long_is_counted_not_lost(tok, tmp_path):
     assert seen["drop"][2] == seen["truncate"][1] and seen["drop"][1] == 0  # the same ones, left out
 
 
-def test_builtin_sft_makes_a_pretrained_model_answer_better_and_chat_answers(tok, tmp_path, capsys):
+def test_builtin_sft_makes_a_pretrained_model_answer_better_and_chat_answers(pretrained_base, tmp_path, capsys):
     """The end-to-end claim on a tiny pretrained model: exact-match accuracy on held-out built-in tasks
     (prompts never seen in training) rises from its starting value, measured by the stage before and after."""
-    from lmzoo.stages import pretrain
-
-    pre = yaml.safe_load((ROOT / "configs" / "llama" / "tiny.yaml").read_text())
-    for k, v in {"train.steps": PRETRAIN_STEPS, "train.progress": False, "train.plot": False, "train.eval_every": 0,
-                 "data.builtin_scale": 0.05, "data.seq_len": 64, "tokenizer.max_chars": 80_000,
-                 "data.cache_dir": str(tmp_path / "cache")}.items():
-        pretrain.set_path(pre, k, v)
-    base = pretrain.run(pre, tmp_path / "pre").final_dir
+    base = pretrained_base
     cfg = small_cfg(steps=SFT_STEPS, builtin={"n": 3000, "n_eval": 100, "level": "easy", "kinds": ["sort"],
                                               "translation_fraction": 0.0})
     cfg["data"].update(batch_size=16)
@@ -195,7 +188,6 @@ def test_builtin_sft_makes_a_pretrained_model_answer_better_and_chat_answers(tok
 
 
 SFT_STEPS = 400
-PRETRAIN_STEPS = 150
 
 
 def test_cli_resume_is_bitwise_the_uninterrupted_run(tok, tmp_path, capsys):

@@ -8,6 +8,7 @@ from lmzoo.models.registry import Family
 FAMILY = Family(
     name="chatglm", shape="prefix decoder", config_cls=ChatGLMConfig, build=build, keymap=keymap,
     claims=claims, hf_architecture="ChatGLMModel", presets=PRESETS,
+    hf_sequence_classifier="ChatGLMForSequenceClassification",  # no such class exists: lmzoo/models/reward.py
     pretrain_objective="glm", width_fields=("d_ff",), cache_free_fields={"d_ff": 32},
     description="prefix mask ([gMASK] ... <sop>), 2D RoPE, DeepNorm post-LN, GeLU MLP (GeGLU selectable)",
     chat_template="chatglm",  # chat(): [Round i] 问：答：, then [gMASK] <sop> and the answer
