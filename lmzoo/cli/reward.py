@@ -48,6 +48,8 @@ def add_arguments(p) -> None:
 
 
 def report(stage: str, res, keys: tuple[str, ...]) -> None:
+    if res.final_dir is None:  # not rank 0 under torchrun: rank 0 reports
+        return
     parts = [f"trained {res.train.step} steps"]
     for key in keys:
         if key in res.after:

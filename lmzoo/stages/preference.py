@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -263,10 +263,10 @@ def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or
     trainer = Trainer(rm, _batches(train_ex, batch, env, tcfg, pad), step_fn, tcfg, out_dir, env=env,
                       eval_hooks=[held_out])
     result = trainer.fit(resume=resume or resume_or_start, start_if_missing=resume_or_start)
-    final = None
+    final, trained = None, trainer.trained_model()  # a collective under FSDP: every rank calls it
     if env.is_main:
         tok.chat_template = resolve_template(template)
-        final = lmzoo.save(getattr(trainer.model, "module", trainer.model), out_dir / "final", tokenizer=tok)
+        final = lmzoo.save(trained, out_dir / "final", tokenizer=tok)
         plot_reward(out_dir / "metrics.jsonl", *last["rewards"], out_dir / "reward.png")
     return PreferenceResult(result, final, None, result.initial_eval, result.eval, train_ex.summary())
 
@@ -281,7 +281,8 @@ def _over_pairs(model, examples, pad: int, per_row, batch: int = 32):
     model.eval()
     rows, cs, rs = PaddedPairs(examples, pad), [], []
     for start in range(0, len(rows), batch):
-        c, r = per_row(model, concatenated(rows.batch(range(start, min(start + batch, len(rows)))))).float().chunk(2)
+        both = _to(concatenated(rows.batch(range(start, min(start + batch, len(rows))))), model)
+        c, r = per_row(model, both).float().cpu().chunk(2)
         cs.append(c)
         rs.append(r)
     model.train(was)
@@ -366,10 +367,11 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
         loss, metrics = losses(model, b)
         return loss, {"n_tokens": int(b["chosen_input_ids"].shape[0]), **metrics}
 
-    def held_out(model) -> dict:
+    def held_out(model) -> dict:  # every rank scores every pair: the same forwards (FSDP), the same numbers
         totals, n = {}, 0
-        for b in _batches(val_ex, 16, env, tcfg, pad, shuffle=False, **_extra(ref, "val")):
-            _, m = losses(model, b)
+        whole = replace(env, rank=0, world_size=1)
+        for b in _batches(val_ex, 16, whole, tcfg, pad, shuffle=False, **_extra(ref, "val")):
+            _, m = losses(model, _to(b, model))
             k = int(b["chosen_input_ids"].shape[0])
             for key, v in m.items():
                 totals[key] = totals.get(key, 0.0) + float(v) * k
@@ -389,6 +391,12 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
     if env.is_main:
         plot_dpo(out_dir / "metrics.jsonl", out_dir / "dpo.png")
     return PreferenceResult(result, final, adapter, result.initial_eval, result.eval, train_ex.summary())
+
+
+def _to(batch: dict, model) -> dict:
+    """The batch's tensors on the model's device (the evaluation passes; the loop moves training batches)."""
+    device = next(model.parameters()).device
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _extra(ref, split: str) -> dict:

@@ -242,9 +242,9 @@ def save_outputs(trainer: Trainer, model_dir, tok, template: str, out_dir: Path,
     from lmzoo.quant.linear import QuantLinear
     from lmzoo.tokenizers.chat import resolve_template
 
+    model = trainer.trained_model()  # a collective under FSDP: every rank calls it
     if not env.is_main:
         return None, None
-    model = getattr(trainer.model, "module", trainer.model)
     tok.chat_template = resolve_template(template)  # chat and generate find it in final/
     adapter_dir = None
     if lora:

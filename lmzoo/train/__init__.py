@@ -4,7 +4,8 @@ The loop (``Trainer`` in ``loop.py``) knows nothing about families, objectives o
 given three things, and this is the whole seam between it and ``lmzoo/data`` / ``lmzoo/objectives``:
 
 (a) ``model``: an ``nn.Module`` (built and seeded by the caller; the loop moves it to the device
-    and wraps it for DDP/FSDP when asked).
+    and wraps it for DDP/FSDP when asked). ``Trainer.trained_model()`` hands it back to the stage as
+    a plain module on rank 0 (under FSDP gathered from the shards: every rank calls it), to save.
 
 (b) ``batches``: an iterator of batches, each a ``dict[str, Tensor]`` (CPU tensors; the loop moves
     them to the device). It yields forever (or at least ``steps * grad_accum`` batches; running
@@ -17,7 +18,8 @@ given three things, and this is the whole seam between it and ``lmzoo/data`` / `
     saves and restores each rank's position separately.
 
 (c) ``step_fn(model, batch) -> (loss, metrics)``: the objective. ``loss`` is a 0-dim tensor, the
-    mean over this batch; ``metrics`` is a ``dict[str, float | Tensor]`` of extras to log. Keys the
+    mean over this batch; ``metrics`` is a ``dict[str, float | Tensor]`` of extras to log (under
+    DDP/FSDP their mean over ranks, so every rank returns the same keys). Keys the
     loop reads when present: ``n_tokens`` (the number of predicted tokens, for tokens/s and for
     token-weighted evaluation; default: ``batch['input_ids'].numel()``) and ``n_bytes`` (the bytes
     of text those tokens cover, for bits per byte). ``model`` is what the loop trains (under DDP the

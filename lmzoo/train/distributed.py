@@ -14,6 +14,7 @@ initialized it already.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 
@@ -101,6 +102,32 @@ def wrap(model: nn.Module, env: DistEnv, find_unused_parameters: bool = False) -
         fully_shard(block)
     fully_shard(model)  # the rest: embeddings, final norm, head (a tied head stays one parameter)
     return model
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters are on the meta device (no storage) and whose buffers are real.
+
+    FSDP2 shards the model in place, so a plain module to save or hand on after training has to be
+    kept aside before ``wrap``; the buffers stay real because the non-persistent ones (RoPE tables,
+    masks) are in no state dict to reload them from. Tied parameters stay tied."""
+    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def materialize(shell: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A ``skeleton`` copy, on the CPU, with every parameter allocated (one tensor per tied group) and
+    ``state`` (a full state dict) loaded into it, strictly."""
+    plain = copy.deepcopy(shell)
+    made: dict[int, nn.Parameter] = {}
+    for m in plain.modules():
+        for name, p in m._parameters.items():
+            if p is not None and p.is_meta:
+                if id(p) not in made:
+                    made[id(p)] = nn.Parameter(torch.empty_like(p, device="cpu"), requires_grad=p.requires_grad)
+                m._parameters[name] = made[id(p)]
+    plain.to("cpu").load_state_dict(state)
+    return plain
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -44,8 +44,8 @@ import torch
 from lmzoo.errors import CheckpointError, ConfigError, LmzooError
 from lmzoo.train import atomic, checkpoint
 from lmzoo.train.config import TrainConfig
-from lmzoo.train.distributed import (DistEnv, all_reduce, find_blocks, full_value, is_fsdp, setup, unwrap,
-                                     wrap)
+from lmzoo.train.distributed import (DistEnv, all_reduce, find_blocks, full_value, is_fsdp, materialize, setup,
+                                     skeleton, unwrap, wrap)
 from lmzoo.train.evaluate import count_tokens, evaluate, forked_rng, to_device
 from lmzoo.train.metrics import MetricsLog, plot_loss_curve
 from lmzoo.train.optim import build_optimizer, build_scheduler
@@ -109,12 +109,15 @@ class Trainer:
         self.eval_batches, self.bytes_per_token = eval_batches, bytes_per_token
         # Evaluations a stage adds to the held-out loss (SFT's exact-match accuracy of greedy answers): each
         # gets the unwrapped model in eval mode under no_grad and a forked RNG, and returns metrics to log.
+        # Every rank runs every hook and rank 0 logs its numbers, so under DDP/FSDP a hook goes over all of
+        # its examples on every rank (FSDP: the same forward calls everywhere, or the gathers wait forever).
         self.eval_hooks = list(eval_hooks)
         self.env = env or setup(cfg.parallel, cfg.device)
         self.precision = Precision(cfg.precision, self.env.device)
         model.to(self.env.device)
         if cfg.activation_checkpointing and not enable_activation_checkpointing(model):
             raise ConfigError("train: activation_checkpointing found no transformer blocks to checkpoint")
+        self._skeleton = skeleton(model) if self.env.parallel == "fsdp" else None  # for trained_model()
         self.model = wrap(model, self.env, cfg.find_unused_parameters)
         if cfg.compile:
             self.model.compile()
@@ -283,11 +286,15 @@ class Trainer:
             for k, v in metrics.items():
                 if k not in ("n_tokens", "n_bytes"):
                     extras[k] = extras.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / cfg.grad_accum
-        # the interrupt flag rides on the step's all-reduce: every rank learns whether any rank got Ctrl-C
+        # the interrupt flag rides on the step's all-reduce: every rank learns whether any rank got Ctrl-C;
+        # so do the extra metrics (the same keys on every rank), logged as their mean over ranks like the loss
+        keys = sorted(extras)
         totals = all_reduce(torch.stack([loss_sum / cfg.grad_accum, loss_sum.new_tensor(tokens),
-                                         loss_sum.new_tensor(float(self._sigint))]))
+                                         loss_sum.new_tensor(float(self._sigint)),
+                                         *(loss_sum.new_tensor(extras[k]) for k in keys)]))
         step_loss, step_tokens = totals[0].item() / self.env.world_size, int(totals[1].item())
         self._stop_agreed = totals[2].item() > 0
+        extras = {k: v / self.env.world_size for k, v in zip(keys, totals[3:].tolist())}
         self.precision.unscale(self.optimizer)
         max_norm = cfg.clip_grad if cfg.clip_grad else math.inf
         norm = float(full_value(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)))
@@ -383,6 +390,15 @@ class Trainer:
             sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return sd if self.env.is_main else None
         return {k: v.detach().cpu() for k, v in unwrap(self.model).state_dict().items()} if self.env.is_main else None
+
+    def trained_model(self) -> torch.nn.Module | None:
+        """The model as a plain module (no DDP wrapper, no FSDP shards) on rank 0, for a stage to save or
+        hand on; None on other ranks. Under FSDP a collective (every rank calls it) that returns a CPU copy
+        holding the gathered weights; otherwise the trained module itself."""
+        if not is_fsdp(self.model):
+            return unwrap(self.model) if self.env.is_main else None
+        state = self.full_state_dict()
+        return materialize(self._skeleton, state) if self.env.is_main else None
 
 
 @contextlib.contextmanager
