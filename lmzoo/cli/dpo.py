@@ -5,12 +5,16 @@ frozen reference, no reward model and no sampling.
   lmzoo dpo --model DIR --data pairs.jsonl --loss ipo --beta 0.1 --lora --out runs/ipo
   lmzoo dpo --model DIR --data pairs.json --loss simpo --beta 2 --set loss.gamma=1 --out runs/simpo
   lmzoo dpo --model DIR --ref runs/sft/final --out runs/dpo                # another reference model
+  lmzoo dpo --model DIR --loss kto --data unpaired.jsonl --out runs/kto     # {prompt, completion, label}
 
 --loss: sigmoid (DPO), hinge (SLiC), ipo, robust (rDPO; label_smoothing), simpo and orpo (no
-reference). The reference's log-probs are computed once over the data before the first step. The
-log lists TRL's statistics (rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins,
-logps/chosen, logps/rejected), on held-out pairs at every evaluation, and on the built-in data the
-exact-match accuracy of greedy answers. See docs/preference.md.
+reference), and kto on unpaired examples (TRL's {prompt, completion, label: bool} records, or pairs
+split into a desirable and an undesirable example; loss.desirable_weight and loss.undesirable_weight
+are λ_D, λ_U; lmzoo.stages.kto). The reference's log-probs are computed once over the data before
+the first step. The log lists TRL's statistics (rewards/chosen, rewards/rejected, rewards/accuracies,
+rewards/margins, logps/chosen, logps/rejected; KTO's kl, its reference point), on held-out data at
+every evaluation, and on the built-in data the exact-match accuracy of greedy answers. See
+docs/preference.md.
 """
 
 from __future__ import annotations
@@ -21,13 +25,14 @@ from pathlib import Path
 from lmzoo.cli.reward import OVERRIDES as REWARD_OVERRIDES
 from lmzoo.cli.reward import add_common, report
 
-HELP = "DPO and its variants (IPO, hinge, robust, SimPO, ORPO) on preference pairs or the built-in ones"
+HELP = ("DPO and its variants (IPO, hinge, robust, SimPO, ORPO; KTO on unpaired data) on preference data or the "
+        "built-in pairs")
 OVERRIDES = {**REWARD_OVERRIDES, "loss": "loss.name", "beta": "loss.beta"}
 
 
 def add_arguments(p) -> None:
     add_common(p, "dpo/tiny")
-    p.add_argument("--loss", choices=["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo"],
+    p.add_argument("--loss", choices=["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto"],
                    help="the preference loss (default: the config's, sigmoid)")
     p.add_argument("--beta", type=float, help="β (default: the config's; SimPO's own default is 2)")
     p.add_argument("--ref", metavar="DIR", help="the reference model (default: the starting model)")
@@ -37,16 +42,20 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from lmzoo.cli.sft import stage_config
-    from lmzoo.stages import preference
+    from lmzoo.objectives.preference import preference_loss
+    from lmzoo.stages import kto, preference
     from lmzoo.train import TrainingInterrupted
 
-    cfg, path = stage_config(args, preference.check_config, OVERRIDES)
+    cfg, path = stage_config(args, kto.check_config, OVERRIDES)  # the pairwise checks plus KTO's weights
+    paired = preference_loss((cfg.get("loss") or {}).get("name", "sigmoid")).paired
+    stage = preference.run_dpo if paired else kto.run_kto
     try:
-        res = preference.run_dpo(cfg, args.model, Path(args.out), ref_dir=args.ref, lora=args.lora, qlora=args.qlora,
-                                 resume=args.resume, resume_or_start=args.resume_or_start, source=str(path))
+        res = stage(cfg, args.model, Path(args.out), ref_dir=args.ref, lora=args.lora, qlora=args.qlora,
+                    resume=args.resume, resume_or_start=args.resume_or_start, source=str(path))
     except TrainingInterrupted as e:
         print(f"lmzoo dpo: interrupted at step {e.step}; continue with --resume (checkpoint {e.checkpoint})",
               file=sys.stderr)
         return 130
-    report("dpo", res, ("rewards/accuracies", "rewards/margins", "accuracy"))
+    report("dpo", res, ("rewards/accuracies", "rewards/margins", "accuracy") if paired else
+           ("rewards/margins", "kl", "accuracy"))
     return 0

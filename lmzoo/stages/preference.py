@@ -40,7 +40,8 @@ from lmzoo.train.distributed import setup
 
 SECTIONS = {"data": {"files", "format", "template", "max_len", "max_prompt_len", "batch_size", "overflow",
                      "val_fraction", "builtin"},
-            "loss": {"name", "beta", "label_smoothing", "gamma", "center", "sft_weight"},
+            "loss": {"name", "beta", "label_smoothing", "gamma", "center", "sft_weight", "desirable_weight",
+                     "undesirable_weight"},
             "lora": {"enabled", "qlora", "r", "alpha", "dropout", "targets", "rslora"},
             "eval": {"accuracy", "n", "max_new_tokens", "batch_size"},
             "train": None}
@@ -133,6 +134,16 @@ def policy_sampler(model, tok, template: str, cfg: dict, stops: list[int], env):
                                stop_ids=stops, batch_size=64, max_len=context, progress=progress)
 
     return sample
+
+
+def reference_model(ref_dir, tok, model):
+    """The ``--ref`` model, refused when its vocabulary is not the policy's (the log-probs would not compare)."""
+    reference, ref_tok, _ = load_model(ref_dir)
+    if ref_tok.vocab_size != tok.vocab_size or reference.config.vocab_size != model.config.vocab_size:
+        raise ConfigError(f"--ref {ref_dir}: its vocabulary ({ref_tok.vocab_size} tokens, vocab_size "
+                          f"{reference.config.vocab_size}) differs from the policy's ({tok.vocab_size}, "
+                          f"{model.config.vocab_size}); the log-probs would not compare")
+    return reference
 
 
 def _prepare(cfg: dict, model_dir, out_dir, resume, resume_or_start, source):
@@ -304,8 +315,8 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
     name = lsec.get("name", "sigmoid")
     kind = preference_loss(name)
     if not kind.paired:
-        raise ConfigError(f"--loss {name} learns from unpaired examples; lmzoo dpo takes pairs (sigmoid, hinge, "
-                          "ipo, robust, simpo, orpo)")
+        raise ConfigError(f"--loss {name} learns from unpaired examples: lmzoo.stages.kto.run_kto trains it "
+                          "(lmzoo dpo --loss kto)")
     beta = float(lsec.get("beta", 2.0 if name == "simpo" else 0.1))
     sft_weight = float(lsec.get("sft_weight") or 0.0)
     if sft_weight < 0:
@@ -314,11 +325,7 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
     pad = _pad_id(tok, stops)
     reference = model if kind.reference else None
     if kind.reference and ref_dir is not None:  # checked before any sampling or log-prob is computed
-        reference, ref_tok, _ = load_model(ref_dir)
-        if ref_tok.vocab_size != tok.vocab_size or reference.config.vocab_size != model.config.vocab_size:
-            raise ConfigError(f"--ref {ref_dir}: its vocabulary ({ref_tok.vocab_size} tokens, vocab_size "
-                              f"{reference.config.vocab_size}) differs from the policy's ({tok.vocab_size}, "
-                              f"{model.config.vocab_size}); the log-probs would not compare")
+        reference = reference_model(ref_dir, tok, model)
     train_pairs, val_pairs, eval_tasks, made = preference_pairs(data, tcfg.seed,
                                                                 policy_sampler(model, tok, template, cfg, stops, env))
     train_ex, val_ex = _encode(tok, train_pairs, template, data, "train"), _encode(tok, val_pairs, template, data,
@@ -468,7 +475,9 @@ def plot_dpo(metrics: Path, png: Path) -> None:
         pts = [(r["step"], r[key]) for r in ev if key in r]
         if pts:
             ax[2].plot(*zip(*pts), "o-", label={"accuracy": "greedy answers right"}.get(key, key))
-    ax[2].set_ylim(0, 1), ax[2].legend(), ax[2].set_title("held-out"), ax[2].set_xlabel("step")
+    if ax[2].get_legend_handles_labels()[0]:  # unpaired data on files: nothing drawn here
+        ax[2].legend()
+    ax[2].set_ylim(0, 1), ax[2].set_title("held-out"), ax[2].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
