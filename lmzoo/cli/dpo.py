@@ -43,12 +43,12 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from lmzoo.cli.sft import stage_config
     from lmzoo.objectives.preference import preference_loss
-    from lmzoo.stages import kto, preference
+    from lmzoo.stages import dpo, kto
     from lmzoo.train import TrainingInterrupted
 
     cfg, path = stage_config(args, kto.check_config, OVERRIDES)  # the pairwise checks plus KTO's weights
     paired = preference_loss((cfg.get("loss") or {}).get("name", "sigmoid")).paired
-    stage = preference.run_dpo if paired else kto.run_kto
+    stage = dpo.run_dpo if paired else kto.run_kto
     try:
         res = stage(cfg, args.model, Path(args.out), ref_dir=args.ref, lora=args.lora, qlora=args.qlora,
                     resume=args.resume, resume_or_start=args.resume_or_start, source=str(path))

@@ -61,12 +61,12 @@ def report(stage: str, res, keys: tuple[str, ...]) -> None:
 
 def run(args) -> int:
     from lmzoo.cli.sft import stage_config
-    from lmzoo.stages import preference
+    from lmzoo.stages import preference, reward
     from lmzoo.train import TrainingInterrupted
 
     cfg, path = stage_config(args, preference.check_config, OVERRIDES)
     try:
-        res = preference.run_reward(cfg, args.model, Path(args.out), resume=args.resume,
+        res = reward.run_reward(cfg, args.model, Path(args.out), resume=args.resume,
                                     resume_or_start=args.resume_or_start, source=str(path))
     except TrainingInterrupted as e:
         print(f"lmzoo reward: interrupted at step {e.step}; continue with --resume (checkpoint {e.checkpoint})",

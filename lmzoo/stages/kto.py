@@ -36,7 +36,7 @@ import sys
 import torch
 
 from lmzoo.errors import ConfigError, LmzooError
-from lmzoo.stages.preference import (PreferenceResult, _made, _name, _pad_id, _prepare, plot_dpo, policy_sampler,
+from lmzoo.stages.preference import (PreferenceResult, _made, _name, _pad_id, _prepare, policy_sampler,
                                      preference_pairs, reference_model)
 from lmzoo.stages.preference import check_config as check_preference_config
 
@@ -351,5 +351,7 @@ def run_kto(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
     result = trainer.fit(resume=resume or resume_or_start, start_if_missing=resume_or_start)
     final, adapter = save_outputs(trainer, model_dir, tok, template, out_dir, lora, env)
     if env.is_main:
+        from lmzoo.stages.dpo import plot_dpo
+
         plot_dpo(out_dir / "metrics.jsonl", out_dir / "dpo.png")
     return PreferenceResult(result, final, adapter, result.initial_eval, result.eval, train_ex.summary())

@@ -1,10 +1,10 @@
-"""Preference learning, the thin way: pairs of answers to one prompt (the chosen and the rejected),
-and two stages on the shared training loop that learn from them (docs/preference.md):
+"""Preference learning, the shared parts: pairs of answers to one prompt (the chosen and the rejected)
+and what the stages that learn from them have in common (docs/preference.md). The stages:
 
-- ``run_reward``: a reward model (the decoder plus a scalar head, transformers'
+- ``lmzoo.stages.reward.run_reward``: a reward model (the decoder plus a scalar head, transformers'
   ``<Arch>ForSequenceClassification`` layout) trained with the Bradley–Terry loss
   ``-log σ(r_chosen − r_rejected)``; held-out pairwise accuracy, margin and a reward histogram.
-- ``run_dpo``: the policy trained directly on the pairs with DPO or a variant (``--loss``), against a
+- ``lmzoo.stages.dpo.run_dpo``: the policy trained directly on the pairs with DPO or a variant (``--loss``), against a
   frozen reference whose log-probs are computed once over the data before the first step (so no
   second model is kept: with LoRA the base is the reference, with ``--ref DIR`` another model is).
 
@@ -26,16 +26,15 @@ from __future__ import annotations
 import copy
 import random
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-import lmzoo
 from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.stages.pretrain import check_resume, check_sections
-from lmzoo.stages.sft import attach_lora, load_model, pick_template
-from lmzoo.train import TrainConfig, Trainer, TrainResult
+from lmzoo.stages.sft import load_model, pick_template
+from lmzoo.train import TrainConfig, TrainResult
 from lmzoo.train.distributed import setup
 
 SECTIONS = {"data": {"files", "format", "template", "max_len", "max_prompt_len", "batch_size", "overflow",
@@ -229,59 +228,6 @@ def _pad_id(tok, stops: list[int], for_reward: bool = False) -> int:
                       "and save the tokenizer with the model")
 
 
-# -- the reward model --------------------------------------------------------------------------------
-
-
-def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or_start: bool = False,
-               source: str = "config") -> PreferenceResult:
-    from lmzoo.objectives.preference import reward_loss, reward_metrics
-    from lmzoo.tokenizers.chat import resolve_template, stop_ids
-
-    cfg, tcfg, out_dir, env, model, tok, fam, data, template = _prepare(cfg, model_dir, out_dir, resume,
-                                                                       resume_or_start, source)
-    pad = _pad_id(tok, stop_ids(tok, template), for_reward=True)
-    torch.manual_seed(tcfg.seed)  # the score head's initial values
-    rm = lmzoo.reward_model(model, pad_token_id=pad)
-    sample = policy_sampler(model, tok, template, cfg, stop_ids(tok, template), env)
-    train_pairs, val_pairs, _, made = preference_pairs(data, tcfg.seed, sample)
-    train_ex, val_ex = _encode(tok, train_pairs, template, data, "train"), _encode(tok, val_pairs, template, data,
-                                                                                   "held-out")
-    batch = data.get("batch_size", 16)
-    center = (cfg.get("loss") or {}).get("center")
-
-    def step_fn(model, b):
-        from lmzoo.data.preference import concatenated
-
-        both = concatenated(b)
-        r = model(both["input_ids"], attention_mask=both["attention_mask"]).rewards  # (2B,)
-        chosen, rejected = r.chunk(2)
-        loss = reward_loss(chosen, rejected, center_coefficient=center).mean()
-        return loss, {"n_tokens": int(chosen.numel()), **reward_metrics(chosen, rejected)}
-
-    last = {}  # the held-out rewards of the latest evaluation (the final one draws the histogram)
-
-    def held_out(model) -> dict:
-        last["rewards"] = _over_pairs(model, val_ex, pad, lambda m, both: m(
-            both["input_ids"], attention_mask=both["attention_mask"]).rewards)
-        m = reward_metrics(*last["rewards"])
-        return {"accuracy": m["accuracy"], "margin": m["margin"]}
-
-    if env.is_main:
-        print(f"lmzoo reward: {fam.name} from {model_dir} with a new score head; template "
-              f"{_name(template)}; train pairs: {train_ex.summary()}; held out: {val_ex.summary()}"
-              f"{_made(made)}", file=sys.stderr)
-    tcfg.extra = {**tcfg.extra, "stage": "reward", "family": fam.name, "model": str(model_dir)}
-    trainer = Trainer(rm, _batches(train_ex, batch, env, tcfg, pad), step_fn, tcfg, out_dir, env=env,
-                      eval_hooks=[held_out])
-    result = trainer.fit(resume=resume or resume_or_start, start_if_missing=resume_or_start)
-    final, trained = None, trainer.trained_model()  # a collective under FSDP: every rank calls it
-    if env.is_main:
-        tok.chat_template = resolve_template(template)
-        final = lmzoo.save(trained, out_dir / "final", tokenizer=tok)
-        plot_reward(out_dir / "metrics.jsonl", *last["rewards"], out_dir / "reward.png")
-    return PreferenceResult(result, final, None, result.initial_eval, result.eval, train_ex.summary())
-
-
 @torch.no_grad()
 def _over_pairs(model, examples, pad: int, per_row, batch: int = 32):
     """(chosen, rejected) float32 (N,) of ``per_row(model, rows) -> (2B,)`` over every encoded pair, in eval
@@ -298,106 +244,6 @@ def _over_pairs(model, examples, pad: int, per_row, batch: int = 32):
         rs.append(r)
     model.train(was)
     return torch.cat(cs), torch.cat(rs)
-
-
-# -- DPO and its variants ----------------------------------------------------------------------------
-
-
-def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, qlora: bool = False,
-            resume: bool = False, resume_or_start: bool = False, source: str = "config") -> PreferenceResult:
-    from lmzoo.objectives.preference import dpo_loss, dpo_metrics, orpo_loss, preference_loss, simpo_loss
-    from lmzoo.stages.sft import accuracy_hook, save_outputs
-    from lmzoo.tokenizers.chat import stop_ids
-
-    cfg, tcfg, out_dir, env, model, tok, fam, data, template = _prepare(cfg, model_dir, out_dir, resume,
-                                                                       resume_or_start, source)
-    lsec, esec, lora_sec = cfg.get("loss") or {}, cfg.get("eval") or {}, cfg.get("lora") or {}
-    name = lsec.get("name", "sigmoid")
-    kind = preference_loss(name)
-    if not kind.paired:
-        raise ConfigError(f"--loss {name} learns from unpaired examples: lmzoo.stages.kto.run_kto trains it "
-                          "(lmzoo dpo --loss kto)")
-    beta = float(lsec.get("beta", 2.0 if name == "simpo" else 0.1))
-    sft_weight = float(lsec.get("sft_weight") or 0.0)
-    if sft_weight < 0:
-        raise ConfigError(f"{source}: loss.sft_weight must be 0 (off) or positive, got {sft_weight}")
-    stops = stop_ids(tok, template)
-    pad = _pad_id(tok, stops)
-    reference = model if kind.reference else None
-    if kind.reference and ref_dir is not None:  # checked before any sampling or log-prob is computed
-        reference = reference_model(ref_dir, tok, model)
-    train_pairs, val_pairs, eval_tasks, made = preference_pairs(data, tcfg.seed,
-                                                                policy_sampler(model, tok, template, cfg, stops, env))
-    train_ex, val_ex = _encode(tok, train_pairs, template, data, "train"), _encode(tok, val_pairs, template, data,
-                                                                                   "held-out")
-    average = kind.length_normalised
-    ref = None
-    if reference is not None:  # log π_ref of every response, once, before the policy moves
-        from lmzoo.objectives.logprobs import response_logps
-
-        logps = lambda m, both: response_logps(m, both["input_ids"], both["labels"], both["attention_mask"], average)  # noqa: E731
-        ref = {split: _over_pairs(reference, ex, pad, logps) for split, ex in (("train", train_ex), ("val", val_ex))}
-        del reference
-    if env.is_main:
-        print(f"lmzoo dpo: {fam.name} from {model_dir}; loss {name} (beta {beta}); reference "
-              f"{'none' if ref is None else (ref_dir or 'the starting model')}; template {_name(template)}; train "
-              f"pairs: {train_ex.summary()}; held out: {val_ex.summary()}{_made(made)}", file=sys.stderr)
-    torch.manual_seed(tcfg.seed)
-    lora = lora or qlora or bool(lora_sec.get("enabled"))
-    if lora:
-        attach_lora(model, lora_sec, qlora or bool(lora_sec.get("qlora")))
-
-    def losses(model, b):
-        from lmzoo.data.preference import concatenated
-        from lmzoo.objectives.logprobs import sequence_logps, token_logps
-        from lmzoo.objectives.preference import sft_nll
-
-        both = concatenated(b)
-        logits = model(both["input_ids"], attention_mask=both["attention_mask"]).logits
-        pc, pr = sequence_logps(logits, both["labels"], average=average).chunk(2)
-        rc, rr = (b["ref_chosen"], b["ref_rejected"]) if ref is not None else (None, None)
-        if name == "simpo":
-            per_pair = simpo_loss(pc, pr, beta=beta, gamma=float(lsec.get("gamma", 1.0)))
-        elif name == "orpo":
-            nll = -sequence_logps(logits[: len(pc)], both["labels"][: len(pc)], average=True).mean()
-            per_pair = orpo_loss(pc, pr, nll, beta=beta)
-        else:
-            per_pair = dpo_loss(pc, pr, rc, rr, beta=beta, loss_type=name,
-                                label_smoothing=float(lsec.get("label_smoothing", 0.0)))
-        loss = per_pair.mean()
-        if sft_weight:  # RPO: + α · the chosen answers' NLL, which keeps their likelihood from sinking
-            n = len(pc)
-            loss = loss + sft_weight * sft_nll(*token_logps(logits[:n], both["labels"][:n]))
-        return loss, dpo_metrics(pc, pr, rc, rr, beta=beta)
-
-    def step_fn(model, b):
-        loss, metrics = losses(model, b)
-        return loss, {"n_tokens": int(b["chosen_input_ids"].shape[0]), **metrics}
-
-    def held_out(model) -> dict:  # every rank scores every pair: the same forwards (FSDP), the same numbers
-        totals, n = {}, 0
-        whole = replace(env, rank=0, world_size=1)
-        for b in _batches(val_ex, 16, whole, tcfg, pad, shuffle=False, **_extra(ref, "val")):
-            _, m = losses(model, _to(b, model))
-            k = int(b["chosen_input_ids"].shape[0])
-            for key, v in m.items():
-                totals[key] = totals.get(key, 0.0) + float(v) * k
-            n += k
-        return {key: v / n for key, v in totals.items()}
-
-    hooks = [held_out]
-    if eval_tasks and esec.get("accuracy", True):
-        context = getattr(model.config, "max_positions", None)
-        hooks.append(accuracy_hook(tok, eval_tasks, template, esec, stops, context))
-    tcfg.extra = {**tcfg.extra, "stage": "dpo", "family": fam.name, "model": str(model_dir), "loss": name,
-                  "beta": beta, "reference": str(ref_dir or model_dir) if ref is not None else None, "lora": lora}
-    trainer = Trainer(model, _batches(train_ex, data.get("batch_size", 16), env, tcfg, pad, **_extra(ref, "train")),
-                      step_fn, tcfg, out_dir, env=env, eval_hooks=hooks)
-    result = trainer.fit(resume=resume or resume_or_start, start_if_missing=resume_or_start)
-    final, adapter = save_outputs(trainer, model_dir, tok, template, out_dir, lora, env)
-    if env.is_main:
-        plot_dpo(out_dir / "metrics.jsonl", out_dir / "dpo.png")
-    return PreferenceResult(result, final, adapter, result.initial_eval, result.eval, train_ex.summary())
 
 
 def _to(batch: dict, model) -> dict:
@@ -427,57 +273,3 @@ def _records(path: Path) -> list[dict]:
     from lmzoo.train.metrics import read_metrics
 
     return read_metrics(path)
-
-
-def plot_reward(metrics: Path, chosen: torch.Tensor, rejected: torch.Tensor, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _records(metrics)
-    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and "loss" in r]
-    acc = [(r["step"], r["accuracy"]) for r in rows if r.get("split") == "eval" and "accuracy" in r]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
-    if train:
-        ax[0].plot(*zip(*train))
-    ax[0].set_title("Bradley–Terry loss"), ax[0].set_xlabel("step")
-    if acc:
-        ax[1].plot(*zip(*acc), "o-", color="tab:green")
-    ax[1].set_ylim(0, 1), ax[1].set_title("held-out pairwise accuracy"), ax[1].set_xlabel("step")
-    ax[2].hist(chosen.numpy(), bins=30, alpha=0.6, label="chosen")
-    ax[2].hist(rejected.numpy(), bins=30, alpha=0.6, label="rejected")
-    ax[2].set_title("held-out rewards (final)"), ax[2].legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-
-
-def plot_dpo(metrics: Path, png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = _records(metrics)
-    train = [(r["step"], r["loss"]) for r in rows if r.get("split") == "train" and "loss" in r]
-    ev = [r for r in rows if r.get("split") == "eval"]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
-    if train:
-        ax[0].plot(*zip(*train))
-    ax[0].set_title("preference loss"), ax[0].set_xlabel("step")
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
-        pts = [(r["step"], r[key]) for r in ev if key in r]
-        if pts:
-            ax[1].plot(*zip(*pts), "o-", label=key)
-    ax[1].legend(), ax[1].set_title("held-out implicit rewards"), ax[1].set_xlabel("step")
-    for key in ("rewards/accuracies", "accuracy"):
-        pts = [(r["step"], r[key]) for r in ev if key in r]
-        if pts:
-            ax[2].plot(*zip(*pts), "o-", label={"accuracy": "greedy answers right"}.get(key, key))
-    if ax[2].get_legend_handles_labels()[0]:  # unpaired data on files: nothing drawn here
-        ax[2].legend()
-    ax[2].set_ylim(0, 1), ax[2].set_title("held-out"), ax[2].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)

@@ -13,7 +13,7 @@ from lmzoo.cli.main import main
 from lmzoo.data.preference import IGNORE, PaddedPairs, PreferencePair, concatenated, encode_pairs
 from lmzoo.errors import ConfigError
 from lmzoo.objectives.logprobs import response_logps
-from lmzoo.stages import preference
+from lmzoo.stages import dpo, reward
 from tests.stages.test_preference_stages import separable_pairs, small
 from tests.stages.test_sft import tiny_decoder, tok  # noqa: F401  (tok: the shared tokenizer fixture)
 
@@ -82,7 +82,7 @@ def test_reward_model_learns_the_pairs_and_reloads_with_equal_scores(tok, tmp_pa
     cfg = small("reward", steps=24, batch_size=8, files=[str(separable_pairs(tmp_path))], val_fraction=0.2,
                 template="chatglm")
     cfg["train"]["lr"] = 1e-2
-    res = preference.run_reward(cfg, model_dir, tmp_path / "rm")
+    res = reward.run_reward(cfg, model_dir, tmp_path / "rm")
     assert res.after["accuracy"] == 1.0, (res.before, res.after)  # every held-out pair ranked right
     rows = [r for r in lmzoo.train.metrics.read_metrics(tmp_path / "rm" / "metrics.jsonl") if r["split"] == "train"]
     first, last = (sum(r["loss"] for r in part) / 6 for part in (rows[:6], rows[-6:]))
@@ -112,7 +112,7 @@ def test_dpo_pulls_the_chosen_answers_ahead(lora, tok, tmp_path):
     cfg = small("dpo", steps=10, template="chatglm")
     cfg["loss"].update(name="sigmoid", beta=0.5, sft_weight=0.0)
     cfg["train"]["lr"] = 1e-2 if lora else 3e-3  # the adapters start at zero
-    res = preference.run_dpo(cfg, model_dir, tmp_path / "dpo", lora=lora)
+    res = dpo.run_dpo(cfg, model_dir, tmp_path / "dpo", lora=lora)
     assert res.before["rewards/margins"] == pytest.approx(0.0, abs=1e-5)  # the policy is the reference
     assert res.after["rewards/margins"] > res.before["rewards/margins"] + 0.1, res.after  # measured: 1.0, 0.22 (LoRA)
     assert 0.0 <= res.after["accuracy"] <= 1.0  # greedy answers through the engine, [gMASK] <sop> prompts
@@ -132,4 +132,4 @@ def test_bad_input_is_one_clear_error(tok, tmp_path, capsys):
         err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
         assert len(err) == 1 and err[0].startswith(f"lmzoo {stage}: error:") and message in err[0], (extra, err)
     with pytest.raises(ConfigError, match="must keep its last 2 tokens"):  # the default: max_len // 2
-        preference.run_dpo(small("dpo", max_len=3, template="chatglm"), model_dir, tmp_path / "short")
+        dpo.run_dpo(small("dpo", max_len=3, template="chatglm"), model_dir, tmp_path / "short")

@@ -10,7 +10,7 @@ import yaml
 import lmzoo
 from lmzoo.cli.main import main
 from lmzoo.errors import ConfigError
-from lmzoo.stages import preference
+from lmzoo.stages import dpo, preference, reward
 from tests.stages.test_sft import ROOT, tiny_decoder, tok  # noqa: F401  (tok: the shared tokenizer fixture)
 
 FAMILIES = ["llama", "gpt2", "bloom", "chatglm2", "deepseek_v2"]
@@ -48,7 +48,7 @@ def test_reward_model_trains_and_transformers_loads_it(family, tok, tmp_path):
     model_dir = lmzoo.save(tiny_decoder(family, tok), tmp_path / "base", tokenizer=tok)
     cfg = small("reward", steps=24, batch_size=8, files=[str(separable_pairs(tmp_path))], val_fraction=0.2)
     cfg["train"]["lr"] = 1e-2
-    res = preference.run_reward(cfg, model_dir, tmp_path / "rm")
+    res = reward.run_reward(cfg, model_dir, tmp_path / "rm")
     assert {"accuracy", "margin"} <= set(res.before) and res.after["accuracy"] == 1.0  # held-out pairs ranked
     rows = [r for r in lmzoo.train.metrics.read_metrics(tmp_path / "rm" / "metrics.jsonl") if r["split"] == "train"]
     first, last = (sum(r["loss"] for r in part) / 6 for part in (rows[:6], rows[-6:]))
@@ -72,7 +72,7 @@ def test_dpo_separates_the_pairs(family, loss, tok, tmp_path):
     cfg["loss"].update(name=loss, beta=2.0 if loss == "simpo" else 0.5, label_smoothing=0.1 if loss == "robust" else 0,
                        sft_weight=0.0)  # each loss on its own (the shipped config adds the SFT term)
     cfg["train"]["lr"] = 3e-3
-    res = preference.run_dpo(cfg, model_dir, tmp_path / "dpo", lora=family == "chatglm2")
+    res = dpo.run_dpo(cfg, model_dir, tmp_path / "dpo", lora=family == "chatglm2")
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected", "accuracy"):
         assert key in res.after, key
@@ -111,7 +111,7 @@ def test_bad_input_is_one_clear_error(tok, tmp_path, capsys):
         main(["dpo", "--model", str(model_dir), "--out", str(tmp_path / "never"), "--loss", "magic"])
     assert "invalid choice: 'magic'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="unpaired"):
-        preference.run_dpo({**small("dpo"), "loss": {"name": "kto"}}, model_dir, tmp_path / "kto")
+        dpo.run_dpo({**small("dpo"), "loss": {"name": "kto"}}, model_dir, tmp_path / "kto")
 
 
 def test_the_sft_term_keeps_the_chosen_answers_likely(tok, tmp_path):
@@ -123,7 +123,7 @@ def test_the_sft_term_keeps_the_chosen_answers_likely(tok, tmp_path):
         cfg = small("dpo", steps=10, files=[str(separable_pairs(tmp_path))], val_fraction=0.2)
         cfg["loss"].update(name="sigmoid", beta=0.5, sft_weight=weight)
         cfg["train"]["lr"] = 3e-3
-        after[weight] = preference.run_dpo(cfg, model_dir, tmp_path / f"w{weight}").after
+        after[weight] = dpo.run_dpo(cfg, model_dir, tmp_path / f"w{weight}").after
     assert after[1.0]["logps/chosen"] > after[0.0]["logps/chosen"] + 0.1, after
     assert after[1.0]["rewards/accuracies"] >= 0.5
 
@@ -148,13 +148,13 @@ def test_builtin_preference_learning_makes_the_sft_model_better(pretrained_base,
     cfg = small("dpo", steps=120, max_len=48, batch_size=16, builtin={**builtin, "rejected": "policy"})
     cfg["eval"].update(n=100, max_new_tokens=10)
     cfg["train"].update(eval_every=0)
-    dpo = preference.run_dpo(cfg, start, tmp_path / "dpo")
-    assert dpo.after["rewards/accuracies"] > 0.8, dpo.after  # held-out pairs: 0 at the start (all rewards 0)
-    assert dpo.after["accuracy"] >= dpo.before["accuracy"] + 0.1, (dpo.before, dpo.after)
+    policy = dpo.run_dpo(cfg, start, tmp_path / "dpo")
+    assert policy.after["rewards/accuracies"] > 0.8, policy.after  # held-out pairs: 0 at the start (all rewards 0)
+    assert policy.after["accuracy"] >= policy.before["accuracy"] + 0.1, (policy.before, policy.after)
     cfg = small("reward", steps=150, max_len=48, batch_size=16, builtin=builtin)
     cfg["train"].update(lr=3e-4)
-    rm = preference.run_reward(cfg, start, tmp_path / "rm")
+    rm = reward.run_reward(cfg, start, tmp_path / "rm")
     assert rm.after["accuracy"] >= 0.8, (rm.before, rm.after)
-    print(f"dpo: greedy answers right {dpo.before['accuracy']:.2f} -> {dpo.after['accuracy']:.2f}, held-out pairs "
-          f"ranked right {dpo.after['rewards/accuracies']:.2f}; reward model: held-out pairwise accuracy "
+    print(f"dpo: greedy answers right {policy.before['accuracy']:.2f} -> {policy.after['accuracy']:.2f}, held-out pairs "
+          f"ranked right {policy.after['rewards/accuracies']:.2f}; reward model: held-out pairwise accuracy "
           f"{rm.before['accuracy']:.2f} -> {rm.after['accuracy']:.2f}", file=sys.__stderr__)
