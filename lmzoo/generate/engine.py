@@ -3,6 +3,10 @@
 The engine owns the cache (``model.new_cache``) and the growing attention mask; left-padded
 batches work because the model derives positions from the mask. Finished rows (EOS seen) keep
 emitting the pad token, as transformers does, so the output stays one rectangular tensor.
+
+``stream(..., with_logits=True)`` also yields each step's (B, V) float32 logits as the model gave them
+(before the penalty, temperature, top-k and top-p): the one seam through which RL rollouts
+(``lmzoo.rl.rollout``) record the log-probabilities of what was sampled, without a loop of their own.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
            max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, repetition_penalty: float | None = None, eos_token_id=None,
            pad_token_id: int | None = None, generator: torch.Generator | None = None,
-           decoder_start_token_id: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield the (B,) next-token ids one step at a time (pad for rows that already finished)."""
+           decoder_start_token_id: int | None = None, with_logits: bool = False) -> Iterator:
+    """Yield the (B,) next-token ids one step at a time (pad for rows that already finished);
+    ``with_logits``: yield (ids, the (B, V) float32 logits they were chosen from, unprocessed)."""
     if getattr(model, "is_encoder_decoder", False):  # the prompt goes to the encoder: see seq2seq.py
+        if with_logits:
+            raise LmzooError("generate: with_logits is for decoder-only models; an encoder-decoder streams ids only")
         yield from stream_seq2seq(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -64,10 +71,10 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     for _ in range(max_new_tokens):
         logits = model(step_ids, attention_mask=step_mask if not bool(mask.all()) else None, cache=cache,
                        logits_to_keep=1).logits
-        logits = process_logits(logits[:, -1].float(), seen, proc)
-        nxt = choose(logits, proc, generator)
+        raw = logits[:, -1].float()  # (B, V)
+        nxt = choose(process_logits(raw, seen, proc), proc, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-        yield nxt
+        yield (nxt, raw) if with_logits else nxt
         if len(eos):
             done |= torch.isin(nxt, eos)
         seen = torch.cat([seen, nxt[:, None]], dim=1)
