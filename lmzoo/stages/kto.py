@@ -36,7 +36,7 @@ import sys
 import torch
 
 from lmzoo.errors import ConfigError, LmzooError
-from lmzoo.stages.preference import (PreferenceResult, _made, _name, _pad_id, _prepare, policy_sampler,
+from lmzoo.stages.preference import (PreferenceResult, _encode, _made, _name, _pad_id, _prepare, policy_sampler,
                                      preference_pairs, reference_model)
 from lmzoo.stages.preference import check_config as check_preference_config
 
@@ -127,18 +127,6 @@ def kto_examples(data: dict, seed: int, sample=None):
     items = [x for f in data["files"] for x in _read(f, data.get("format"))]
     train, val = split_conversations(items, float(data.get("val_fraction", 0.05)), seed)  # before unpairing
     return unpair(train), unpair(val), None, ""
-
-
-def _encode(tok, examples, template, data, what: str):
-    from lmzoo.data.preference import encode_unpaired
-
-    try:
-        return encode_unpaired(tok, examples, template, data.get("max_len", 256), data.get("overflow", "truncate"),
-                               data.get("max_prompt_len"))
-    except ConfigError:
-        raise
-    except LmzooError as e:  # it names the example's number: say which split
-        raise LmzooError(f"{what} examples: {e}") from None
 
 
 class KTORows:
@@ -286,8 +274,10 @@ def run_kto(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
     reference = model if ref_dir is None else reference_model(ref_dir, tok, model).to(env.device)  # fail early
     train_raw, val_raw, eval_tasks, made = kto_examples(data, tcfg.seed,
                                                         policy_sampler(model, tok, template, cfg, stops, env))
-    train_ex, val_ex = _encode(tok, train_raw, template, data, "train"), _encode(tok, val_raw, template, data,
-                                                                                 "held-out")
+    from lmzoo.data.preference import encode_unpaired
+
+    train_ex, val_ex = (_encode(tok, raw, template, data, what, encode_unpaired, "examples")
+                        for raw, what in ((train_raw, "train"), (val_raw, "held-out")))
     for ex in (train_ex, val_ex):
         ex.pad_id = pad
     max_len = int(data.get("max_len", 256))

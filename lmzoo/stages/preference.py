@@ -173,16 +173,18 @@ def _prepare(cfg: dict, model_dir, out_dir, resume, resume_or_start, source):
     return cfg, tcfg, out_dir, env, model, tok, fam, data, template
 
 
-def _encode(tok, pairs, template, data, what: str):
+def _encode(tok, items, template, data, what: str, encode=None, noun: str = "pairs"):
+    """``encode`` (``encode_pairs`` by default, or ``encode_unpaired``) with the data section's limits; an
+    error in one item names its split (``train pairs: ...``)."""
     from lmzoo.data.preference import encode_pairs
 
     try:
-        return encode_pairs(tok, pairs, template, data.get("max_len", 256), data.get("overflow", "truncate"),
-                            data.get("max_prompt_len"))
+        return (encode or encode_pairs)(tok, items, template, data.get("max_len", 256),
+                                        data.get("overflow", "truncate"), data.get("max_prompt_len"))
     except ConfigError:
         raise
-    except LmzooError as e:  # it names the pair's number: say which split
-        raise LmzooError(f"{what} pairs: {e}") from None
+    except LmzooError as e:  # it names the item's number: say which split
+        raise LmzooError(f"{what} {noun}: {e}") from None
 
 
 class _Rows:

@@ -15,12 +15,7 @@ PROMPTS = ["What is 3 + 4?", "hello", "从小到大排序：3 1 2 ->"]  # three 
 SAMPLING = dict(temperature=0.7, top_k=40, top_p=0.9)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _policy(family: str, tok):

@@ -8,20 +8,10 @@ default 1500 steps gave 96.3-100% over seeds 0-4. ViT 400 steps (about 6 s), ass
 classes (measured 83.2%; chance is 2%).
 """
 
-import pytest
 import torch
 
 from lmzoo.vision import shapes
 from lmzoo.vision.demo import DemoConfig, ShapeBatches, clip_batches, train_clip, train_vit
-
-
-@pytest.fixture
-def one_thread():
-    """Models this small train faster on one thread, and the result then does not depend on the core count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_clip_zero_shot_on_held_out_pairs(one_thread):
