@@ -13,10 +13,11 @@ lmzoo linear is part of (read off the family's key map), ``adapter_files.py`` th
 
 from lmzoo.peft.adapter_files import load_adapter, save_adapter
 from lmzoo.peft.apply import apply_lora, prepare_qlora
-from lmzoo.peft.lora import (LoraAdapter, LoraSettings, ParamReport, adapters, lora_scaling, merge_lora,
+from lmzoo.peft.lora import (LoraAdapter, LoraSettings, ParamReport, adapters, disable_adapters, lora_scaling,
+                             merge_lora,
                              trainable_parameters, unload_lora, unmerge_lora)
 from lmzoo.peft.qlora import quantize_frozen_base
 
 __all__ = ["apply_lora", "prepare_qlora", "merge_lora", "unmerge_lora", "unload_lora", "save_adapter", "load_adapter",
-           "trainable_parameters", "ParamReport", "LoraAdapter", "LoraSettings", "adapters", "lora_scaling",
-           "quantize_frozen_base"]
+           "trainable_parameters", "ParamReport", "LoraAdapter", "LoraSettings", "adapters", "disable_adapters",
+           "lora_scaling", "quantize_frozen_base"]

@@ -13,6 +13,7 @@ The parts of one fused Hugging Face linear (GPT-2's c_attn -> q, k, v) share one
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ class LoraAdapter(nn.Module):
         self.r, self.alpha, self.rslora = r, alpha, rslora
         self.scaling = lora_scaling(r, alpha, rslora)
         self.merged = False
+        self.disabled = False  # disable_adapters(): the base alone (an RL or DPO reference without a copy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x.to(self.lora_A.dtype))  # as PEFT: the input is cast to the adapter's dtype
@@ -67,7 +69,7 @@ def _lora_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:
         out = type(module).forward(module, x)
     ad = module.lora
-    if ad.merged:
+    if ad.merged or ad.disabled:
         return out
     return out + ad(x).to(out.dtype)
 
@@ -80,6 +82,23 @@ def attach(module: nn.Module, adapter: LoraAdapter) -> None:
 def detach(module: nn.Module) -> None:
     del module.lora
     module.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module):
+    """``with disable_adapters(model):`` the model computes its frozen base alone (PEFT's context of the same
+    name): the reference policy of RL and preference learning, with no second copy of the weights. Merged
+    adapters cannot be switched off (their update is in the weights): that is an error."""
+    found = list(adapters(model).values())
+    if any(m.lora.merged for m in found):
+        raise ValueError("disable_adapters: the adapters are merged into the weights; unmerge_lora(model) first")
+    for m in found:
+        m.lora.disabled = True
+    try:
+        yield model
+    finally:
+        for m in found:
+            m.lora.disabled = False
 
 
 def adapters(model: nn.Module) -> dict[str, nn.Module]:

@@ -183,3 +183,21 @@ def test_load_adapter_refuses_what_it_cannot_honour(tmp_path):
     assert torch.equal(again.layers[1].attn.q_proj.lora.lora_A, model.layers[1].attn.q_proj.lora.lora_A)
     with pytest.raises(CheckpointError, match="missing"):
         lp.load_adapter(_llama(), tmp_path / "nowhere")
+
+
+def test_disable_adapters_gives_the_base_and_switches_back():
+    base = _llama()
+    with torch.no_grad():
+        want = base(_ids()).logits
+    model = lp.apply_lora(_llama(), r=4, alpha=8, dropout=0.0)
+    _randomize(model)  # the adapters now change the output
+    with torch.no_grad():
+        adapted = model(_ids()).logits
+        assert max_diff(adapted, want) > 1e-2
+        with lp.disable_adapters(model):
+            assert max_diff(model(_ids()).logits, want) <= 1e-6  # the frozen base alone
+        assert max_diff(model(_ids()).logits, adapted) == 0
+    lp.merge_lora(model)
+    with pytest.raises(ValueError, match="merged"):
+        with lp.disable_adapters(model):
+            pass
