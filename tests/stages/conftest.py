@@ -32,3 +32,26 @@ def pretrained_base(tmp_path_factory) -> Path:
         return pretrain.run(pre, tmp / "pre").final_dir
     finally:
         torch.set_num_threads(before)
+
+
+SORTING = {"n": 2000, "n_eval": 100, "level": "easy", "kinds": ["sort"], "translation_fraction": 0.0}
+
+
+@pytest.fixture(scope="session")
+def sft_sorting(pretrained_base, tmp_path_factory) -> Path:
+    """``pretrained_base`` finetuned for 250 steps with ``lmzoo sft`` on the built-in sorting tasks (``SORTING``:
+    three digits): partly trained (about a third to a half of held-out prompts right), the start of the
+    preference and RL end-to-end tests, built once per session."""
+    from lmzoo.stages import sft
+    from tests.stages.test_sft import small_cfg
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = small_cfg(steps=250, builtin=SORTING)
+    cfg["data"].update(batch_size=16)
+    cfg["eval"].update(accuracy=False)
+    cfg["train"].update(lr=2e-3, warmup_steps=20)
+    try:
+        return sft.run(cfg, pretrained_base, tmp_path_factory.mktemp("sft_sorting") / "sft").final_dir
+    finally:
+        torch.set_num_threads(before)

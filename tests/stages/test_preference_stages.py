@@ -128,22 +128,15 @@ def test_the_sft_term_keeps_the_chosen_answers_likely(tok, tmp_path):
     assert after[1.0]["rewards/accuracies"] >= 0.5
 
 
-def test_builtin_preference_learning_makes_the_sft_model_better(pretrained_base, tmp_path):
+def test_builtin_preference_learning_makes_the_sft_model_better(sft_sorting, tmp_path):
     """The end-to-end claim on the built-in data, from a partly trained SFT model (sorting three digits):
     the shipped DPO recipe (the model's own wrong replies as the rejected answers, plus the SFT term)
     ranks held-out pairs right and makes the greedy answers right more often than the SFT model's; a
     reward model on the same SFT model ranks held-out pairs well above chance."""
     import sys
 
-    from lmzoo.stages import sft
-    from tests.stages.test_sft import small_cfg
-
+    start = sft_sorting
     tasks = {"level": "easy", "kinds": ["sort"]}
-    cfg = small_cfg(steps=250, builtin={"n": 2000, "n_eval": 50, "translation_fraction": 0.0, **tasks})
-    cfg["data"].update(batch_size=16)
-    cfg["eval"].update(accuracy=False)
-    cfg["train"].update(lr=2e-3, warmup_steps=20)
-    start = sft.run(cfg, pretrained_base, tmp_path / "sft").final_dir
     builtin = {"n": 1000, "n_eval": 100, **tasks}
     cfg = small("dpo", steps=120, max_len=48, batch_size=16, builtin={**builtin, "rejected": "policy"})
     cfg["eval"].update(n=100, max_new_tokens=10)
