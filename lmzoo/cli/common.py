@@ -118,3 +118,46 @@ def resolve_model(spec: str, dtype: str | None = None, seed: int = 0, device: st
     print(f"note: '{spec}' is a preset: its weights are random (seed {seed})", file=sys.stderr)
     torch.manual_seed(seed)
     return lmzoo.build(spec, device=device, dtype=dtype).eval()
+
+
+# -- the training stages' commands (reward, dpo, grpo, ppo) ------------------------------------------
+
+
+def add_run_flags(p) -> None:
+    """The flags every training stage takes after its own (its OVERRIDES map precision, device and parallel
+    to train.*): precision, device, parallel, resume, --set, progress."""
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device")
+    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun (train.parallel)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume-or-start", action="store_true", help="like --resume, but start when there is none")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any other config value (read as YAML)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def report(stage: str, res, keys: tuple[str, ...]) -> None:
+    """One line of before -> after numbers (rank 0 only: the others have no final_dir), then final/'s path."""
+    if res.final_dir is None:
+        return
+    parts = [f"trained {res.train.step} steps"]
+    for key in keys:
+        if key in res.after:
+            before = f"{res.before[key]:.3f} -> " if key in res.before else ""
+            parts.append(f"{key} {before}{res.after[key]:.3f}")
+    print(f"lmzoo {stage}: " + "; ".join(parts) + f"; final model in {res.final_dir}", file=sys.stderr)
+    print(res.final_dir)
+
+
+def run_stage(stage: str, call, keys: tuple[str, ...]) -> int:
+    """``call()`` a stage's run function; Ctrl-C (``TrainingInterrupted``) is exit 130 with how to resume."""
+    from lmzoo.train import TrainingInterrupted
+
+    try:
+        res = call()
+    except TrainingInterrupted as e:
+        print(f"lmzoo {stage}: interrupted at step {e.step}; continue with --resume (checkpoint {e.checkpoint})",
+              file=sys.stderr)
+        return 130
+    report(stage, res, keys)
+    return 0

@@ -19,11 +19,11 @@ docs/preference.md.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from lmzoo.cli.reward import OVERRIDES as REWARD_OVERRIDES
-from lmzoo.cli.reward import add_common, report
+from lmzoo.cli.common import run_stage
+from lmzoo.cli.reward import add_common
 
 HELP = ("DPO and its variants (IPO, hinge, robust, SimPO, ORPO; KTO on unpaired data) on preference data or the "
         "built-in pairs")
@@ -44,18 +44,12 @@ def run(args) -> int:
     from lmzoo.cli.sft import stage_config
     from lmzoo.objectives.preference import preference_loss
     from lmzoo.stages import dpo, kto
-    from lmzoo.train import TrainingInterrupted
 
     cfg, path = stage_config(args, kto.check_config, OVERRIDES)  # the pairwise checks plus KTO's weights
     paired = preference_loss((cfg.get("loss") or {}).get("name", "sigmoid")).paired
     stage = dpo.run_dpo if paired else kto.run_kto
-    try:
-        res = stage(cfg, args.model, Path(args.out), ref_dir=args.ref, lora=args.lora, qlora=args.qlora,
-                    resume=args.resume, resume_or_start=args.resume_or_start, source=str(path))
-    except TrainingInterrupted as e:
-        print(f"lmzoo dpo: interrupted at step {e.step}; continue with --resume (checkpoint {e.checkpoint})",
-              file=sys.stderr)
-        return 130
-    report("dpo", res, ("rewards/accuracies", "rewards/margins", "accuracy") if paired else
-           ("rewards/margins", "kl", "accuracy"))
-    return 0
+    return run_stage("dpo", lambda: stage(cfg, args.model, Path(args.out), ref_dir=args.ref, lora=args.lora,
+                                          qlora=args.qlora, resume=args.resume,
+                                          resume_or_start=args.resume_or_start, source=str(path)),
+                     ("rewards/accuracies", "rewards/margins", "accuracy") if paired else
+                     ("rewards/margins", "kl", "accuracy"))

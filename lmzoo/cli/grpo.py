@@ -20,8 +20,9 @@ evaluation; grpo.png plots reward, KL and accuracy. One process or torchrun with
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from lmzoo.cli.common import add_run_flags, run_stage
 
 HELP = "GRPO (group relative policy optimisation) with verifiable rewards, reward functions or a reward model"
 OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.save_every", "lr": "train.lr",
@@ -45,30 +46,17 @@ def add_arguments(p) -> None:
                        ("--group-size", int), ("--max-new-tokens", int), ("--temperature", float),
                        ("--beta", float), ("--save-every", int)):
         p.add_argument(flag, type=kind)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device")
-    p.add_argument("--parallel", choices=["none", "ddp", "fsdp"], help="under torchrun: ddp (fsdp is refused)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters; the frozen base is the reference")
     p.add_argument("--qlora", action="store_true", help="LoRA on an NF4 base")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--resume-or-start", action="store_true")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_flags(p)
 
 
 def run(args) -> int:
-    from lmzoo.cli.reward import report
     from lmzoo.cli.sft import stage_config
     from lmzoo.stages import grpo
-    from lmzoo.train import TrainingInterrupted
 
     cfg, path = stage_config(args, grpo.check_config, OVERRIDES)
-    try:
-        res = grpo.run_grpo(cfg, args.model, Path(args.out), lora=args.lora, qlora=args.qlora, resume=args.resume,
-                            resume_or_start=args.resume_or_start, source=str(path))
-    except TrainingInterrupted as e:
-        print(f"lmzoo grpo: interrupted at step {e.step}; continue with --resume (checkpoint {e.checkpoint})",
-              file=sys.stderr)
-        return 130
-    report("grpo", res, ("accuracy", "samples/reward"))
-    return 0
+    return run_stage("grpo", lambda: grpo.run_grpo(cfg, args.model, Path(args.out), lora=args.lora, qlora=args.qlora,
+                                                     resume=args.resume, resume_or_start=args.resume_or_start,
+                                                     source=str(path)),
+                     ("accuracy", "samples/reward"))

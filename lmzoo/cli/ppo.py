@@ -19,12 +19,14 @@ greedy replies; ppo.png plots them. See docs/rl.md.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from lmzoo.cli.common import add_run_flags, run_stage
 
 HELP = "PPO against a reward model (or task:/module: rewards) with a KL penalty to the starting model"
 OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.save_every", "lr": "train.lr",
-             "precision": "train.precision", "device": "train.device", "batch_size": "data.batch_size",
+             "precision": "train.precision", "device": "train.device", "parallel": "train.parallel",
+             "batch_size": "data.batch_size",
              "template": "data.template", "max_new_tokens": "rollout.max_new_tokens", "kl_coef": "kl.coef"}
 
 
@@ -44,27 +46,15 @@ def add_arguments(p) -> None:
     for flag, kind in (("--steps", int), ("--seed", int), ("--lr", float), ("--batch-size", int),
                        ("--max-new-tokens", int), ("--kl-coef", float), ("--save-every", int)):
         p.add_argument(flag, type=kind)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--resume-or-start", action="store_true")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_flags(p)
 
 
 def run(args) -> int:
-    from lmzoo.cli.reward import report
     from lmzoo.cli.sft import stage_config
     from lmzoo.stages import ppo
-    from lmzoo.train import TrainingInterrupted
 
     cfg, path = stage_config(args, ppo.check_config, OVERRIDES)
-    try:
-        res = ppo.run_ppo(cfg, args.model, Path(args.out), reward=args.reward, lora=args.lora, qlora=args.qlora,
-                          resume=args.resume, resume_or_start=args.resume_or_start, source=str(path))
-    except TrainingInterrupted as e:
-        print(f"lmzoo ppo: interrupted at step {e.step}; continue with --resume (checkpoint {e.checkpoint})",
-              file=sys.stderr)
-        return 130
-    report("ppo", res, ("reward/mean", "kl", "accuracy"))
-    return 0
+    return run_stage("ppo", lambda: ppo.run_ppo(cfg, args.model, Path(args.out), reward=args.reward, lora=args.lora,
+                                                  qlora=args.qlora, resume=args.resume,
+                                                  resume_or_start=args.resume_or_start, source=str(path)),
+                     ("reward/mean", "kl", "accuracy"))

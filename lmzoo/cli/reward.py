@@ -14,12 +14,14 @@ reward histogram. See docs/preference.md.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
+
+from lmzoo.cli.common import add_run_flags, run_stage
 
 HELP = "train a reward model (Bradley–Terry) on preference pairs or the built-in ones"
 OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.save_every", "lr": "train.lr",
-             "precision": "train.precision", "device": "train.device", "batch_size": "data.batch_size",
+             "precision": "train.precision", "device": "train.device", "parallel": "train.parallel",
+             "batch_size": "data.batch_size",
              "max_len": "data.max_len", "template": "data.template", "format": "data.format"}
 
 
@@ -35,42 +37,18 @@ def add_common(p, default_config: str) -> None:
     for flag, kind in (("--steps", int), ("--seed", int), ("--lr", float), ("--batch-size", int),
                        ("--max-len", int), ("--save-every", int)):
         p.add_argument(flag, type=kind)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--device")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--resume-or-start", action="store_true")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--no-progress", action="store_true")
+    add_run_flags(p)
 
 
 def add_arguments(p) -> None:
     add_common(p, "reward/tiny")
 
 
-def report(stage: str, res, keys: tuple[str, ...]) -> None:
-    if res.final_dir is None:  # not rank 0 under torchrun: rank 0 reports
-        return
-    parts = [f"trained {res.train.step} steps"]
-    for key in keys:
-        if key in res.after:
-            before = f"{res.before[key]:.3f} -> " if key in res.before else ""
-            parts.append(f"{key} {before}{res.after[key]:.3f}")
-    print(f"lmzoo {stage}: " + "; ".join(parts) + f"; final model in {res.final_dir}", file=sys.stderr)
-    print(res.final_dir)
-
-
 def run(args) -> int:
     from lmzoo.cli.sft import stage_config
     from lmzoo.stages import preference, reward
-    from lmzoo.train import TrainingInterrupted
 
     cfg, path = stage_config(args, preference.check_config, OVERRIDES)
-    try:
-        res = reward.run_reward(cfg, args.model, Path(args.out), resume=args.resume,
-                                    resume_or_start=args.resume_or_start, source=str(path))
-    except TrainingInterrupted as e:
-        print(f"lmzoo reward: interrupted at step {e.step}; continue with --resume (checkpoint {e.checkpoint})",
-              file=sys.stderr)
-        return 130
-    report("reward", res, ("accuracy", "margin"))
-    return 0
+    return run_stage("reward", lambda: reward.run_reward(cfg, args.model, Path(args.out), resume=args.resume,
+                                                         resume_or_start=args.resume_or_start, source=str(path)),
+                     ("accuracy", "margin"))
