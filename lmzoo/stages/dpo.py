@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from lmzoo.stages.preference import (PreferenceResult, _batches, _encode, _made, _name, _over_pairs, _pad_id,
+from lmzoo.stages import StageResult
+from lmzoo.stages.preference import (_batches, _encode, _made, _name, _over_pairs, _pad_id,
                                      _prepare, _records, policy_sampler, preference_pairs)
 from lmzoo.errors import ConfigError
 from lmzoo.stages.preference import _extra, _to, reference_model
@@ -22,7 +23,7 @@ from lmzoo.train import Trainer
 
 
 def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, qlora: bool = False,
-            resume: bool = False, resume_or_start: bool = False, source: str = "config") -> PreferenceResult:
+            resume: bool = False, resume_or_start: bool = False, source: str = "config") -> StageResult:
     from lmzoo.objectives.preference import dpo_loss, dpo_metrics, orpo_loss, preference_loss, simpo_loss
     from lmzoo.stages.sft import accuracy_hook, save_outputs
     from lmzoo.tokenizers.chat import stop_ids
@@ -115,7 +116,7 @@ def run_dpo(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
     final, adapter = save_outputs(trainer, model_dir, tok, template, out_dir, lora, env)
     if env.is_main:
         plot_dpo(out_dir / "metrics.jsonl", out_dir / "dpo.png")
-    return PreferenceResult(result, final, adapter, result.initial_eval, result.eval, train_ex.summary())
+    return StageResult(result, final, adapter, result.initial_eval, result.eval, train_ex.summary())
 
 
 

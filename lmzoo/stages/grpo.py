@@ -27,14 +27,14 @@ The run folder is SFT's contract plus grpo.png (reward, KL, accuracy) and sample
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from lmzoo.errors import ConfigError
 from lmzoo.stages import rl
-from lmzoo.train import TrainConfig, Trainer, TrainResult
+from lmzoo.stages import StageResult
+from lmzoo.train import TrainConfig, Trainer
 
 SECTIONS = {"data": {"files", "template", "batch_size", "builtin"},
             "rollout": {"group_size", "max_new_tokens", "temperature", "top_p", "top_k", "epochs", "minibatches"},
@@ -46,15 +46,6 @@ SECTIONS = {"data": {"files", "template", "batch_size", "builtin"},
 INTEGERS = {"data": ("batch_size",), "rollout": ("group_size", "max_new_tokens", "epochs", "minibatches"),
             "eval": ("n", "max_new_tokens", "batch_size")}
 
-
-@dataclass
-class GRPOResult:
-    train: TrainResult
-    final_dir: Path | None
-    adapter_dir: Path | None
-    before: dict
-    after: dict
-    data_summary: str
 
 
 def check_config(cfg: dict, source: str = "config") -> None:
@@ -85,7 +76,7 @@ def check_config(cfg: dict, source: str = "config") -> None:
 
 
 def run_grpo(cfg: dict, model_dir, out_dir, *, reward=None, lora: bool = False, qlora: bool = False,
-             resume: bool = False, resume_or_start: bool = False, source: str = "config") -> GRPOResult:
+             resume: bool = False, resume_or_start: bool = False, source: str = "config") -> StageResult:
     """GRPO from the model in ``model_dir`` into ``out_dir``; ``reward`` (a spec or a callable) overrides
     the config's ``reward.spec``."""
     from lmzoo.objectives.rl import grpo_advantages, grpo_loss, masked_mean
@@ -199,4 +190,4 @@ def run_grpo(cfg: dict, model_dir, out_dir, *, reward=None, lora: bool = False, 
     final, adapter = save_outputs(trainer, model_dir, tok, template, out_dir, lora, env)
     if env.is_main:
         rl.plot_rl(out_dir / "metrics.jsonl", out_dir / "grpo.png")
-    return GRPOResult(result, final, adapter, result.initial_eval, result.eval, prompts.summary)
+    return StageResult(result, final, adapter, result.initial_eval, result.eval, prompts.summary)

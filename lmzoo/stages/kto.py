@@ -36,7 +36,8 @@ import sys
 import torch
 
 from lmzoo.errors import ConfigError, LmzooError
-from lmzoo.stages.preference import (PreferenceResult, _encode, _made, _name, _pad_id, _prepare, policy_sampler,
+from lmzoo.stages import StageResult
+from lmzoo.stages.preference import (_encode, _made, _name, _pad_id, _prepare, policy_sampler,
                                      preference_pairs, reference_model)
 from lmzoo.stages.preference import check_config as check_preference_config
 
@@ -244,7 +245,7 @@ def step_metrics(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tenso
 
 
 def run_kto(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, qlora: bool = False,
-            resume: bool = False, resume_or_start: bool = False, source: str = "config") -> PreferenceResult:
+            resume: bool = False, resume_or_start: bool = False, source: str = "config") -> StageResult:
     from lmzoo.data.sampler import Batches
     from lmzoo.objectives.logprobs import sequence_logps
     from lmzoo.objectives.preference import kto_loss, kto_metrics
@@ -344,4 +345,4 @@ def run_kto(cfg: dict, model_dir, out_dir, *, ref_dir=None, lora: bool = False, 
         from lmzoo.stages.dpo import plot_dpo
 
         plot_dpo(out_dir / "metrics.jsonl", out_dir / "dpo.png")
-    return PreferenceResult(result, final, adapter, result.initial_eval, result.eval, train_ex.summary())
+    return StageResult(result, final, adapter, result.initial_eval, result.eval, train_ex.summary())

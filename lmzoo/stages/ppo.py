@@ -46,7 +46,8 @@ import torch
 
 from lmzoo.errors import ConfigError
 from lmzoo.rl.buffer import RolloutBatches
-from lmzoo.train import TrainConfig, Trainer, TrainResult
+from lmzoo.stages import StageResult
+from lmzoo.train import TrainConfig, Trainer
 
 SECTIONS = {"data": {"files", "template", "batch_size", "val_fraction", "builtin"},
             "rollout": {"n", "max_new_tokens", "temperature", "top_k", "top_p"},
@@ -62,15 +63,6 @@ INTEGERS = {"data": ("batch_size",), "rollout": ("n", "max_new_tokens", "top_k")
             "ppo": ("epochs", "minibatches"), "kl": ("horizon",), "reward": ("batch_size",),
             "eval": ("max_new_tokens", "batch_size")}
 
-
-@dataclass
-class PPOResult:
-    train: TrainResult
-    final_dir: Path | None
-    adapter_dir: Path | None
-    before: dict  # held-out evaluation at step 0: reward/mean, kl, response_length (and accuracy on tasks)
-    after: dict
-    data_summary: str
 
 
 def _number(source: str, key: str, v, low=None, high=None, *, open_low: bool = False) -> None:
@@ -264,7 +256,7 @@ class _PolicyOnly:
 
 
 def run_ppo(cfg: dict, model_dir, out_dir, *, reward, lora: bool = False, qlora: bool = False, resume: bool = False,
-            resume_or_start: bool = False, source: str = "config") -> PPOResult:
+            resume_or_start: bool = False, source: str = "config") -> StageResult:
     """PPO from the policy in ``model_dir`` against ``reward`` (a reward-model directory, ``task:NAME``,
     ``module:function``, a callable or a list of them; ``lmzoo.rl.rewards``), into ``out_dir``."""
     from lmzoo.stages.sft import save_outputs
@@ -276,7 +268,7 @@ def run_ppo(cfg: dict, model_dir, out_dir, *, reward, lora: bool = False, qlora:
                                   run.env)
     if run.env.is_main and run.trainer.cfg.plot:
         plot_ppo(Path(out_dir) / "metrics.jsonl", Path(out_dir) / "ppo.png")
-    return PPOResult(result, final, adapter, result.initial_eval, result.eval, run.summary)
+    return StageResult(result, final, adapter, result.initial_eval, result.eval, run.summary)
 
 
 def plot_ppo(metrics: Path, png: Path) -> None:

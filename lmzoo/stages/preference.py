@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import random
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,7 +33,7 @@ import torch
 from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.stages.pretrain import check_resume, check_sections
 from lmzoo.stages.sft import load_model, pick_template
-from lmzoo.train import TrainConfig, TrainResult
+from lmzoo.train import TrainConfig
 from lmzoo.train.distributed import setup
 
 SECTIONS = {"data": {"files", "format", "template", "max_len", "max_prompt_len", "batch_size", "overflow",
@@ -48,15 +47,6 @@ BUILTIN_DEFAULTS = {"n": 2000, "n_eval": 100, "lang": "mixed", "level": "full", 
                     "samples": 4, "temperature": 0.7}
 BUILTIN_KEYS = {"seed", *BUILTIN_DEFAULTS}
 
-
-@dataclass
-class PreferenceResult:
-    train: TrainResult
-    final_dir: Path | None
-    adapter_dir: Path | None
-    before: dict
-    after: dict
-    data_summary: str
 
 
 def check_config(cfg: dict, source: str = "config") -> None:

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 
 import lmzoo
-from lmzoo.stages.preference import (PreferenceResult, _batches, _encode, _made, _name, _over_pairs, _pad_id,
+from lmzoo.stages import StageResult
+from lmzoo.stages.preference import (_batches, _encode, _made, _name, _over_pairs, _pad_id,
                                      _prepare, _records, policy_sampler, preference_pairs)
 from lmzoo.train import Trainer
 
 
 def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or_start: bool = False,
-               source: str = "config") -> PreferenceResult:
+               source: str = "config") -> StageResult:
     from lmzoo.objectives.preference import reward_loss, reward_metrics
     from lmzoo.tokenizers.chat import resolve_template, stop_ids
 
@@ -64,7 +65,7 @@ def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or
         tok.chat_template = resolve_template(template)
         final = lmzoo.save(trained, out_dir / "final", tokenizer=tok)
         plot_reward(out_dir / "metrics.jsonl", *last["rewards"], out_dir / "reward.png")
-    return PreferenceResult(result, final, None, result.initial_eval, result.eval, train_ex.summary())
+    return StageResult(result, final, None, result.initial_eval, result.eval, train_ex.summary())
 
 
 
