@@ -28,17 +28,42 @@ def _eos_set(eos_token_id) -> list[int]:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-@torch.inference_mode()
 def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
            max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
            top_p: float | None = None, repetition_penalty: float | None = None, eos_token_id=None,
            pad_token_id: int | None = None, generator: torch.Generator | None = None,
-           decoder_start_token_id: int | None = None, with_logits: bool = False) -> Iterator:
+           decoder_start_token_id: int | None = None, with_logits: bool = False,
+           all_done=None) -> Iterator:
     """Yield the (B,) next-token ids one step at a time (pad for rows that already finished);
-    ``with_logits``: yield (ids, the (B, V) float32 logits they were chosen from, unprocessed)."""
+    ``with_logits``: yield (ids, the (B, V) float32 logits they were chosen from, unprocessed).
+    ``all_done(mine: bool) -> bool`` decides when to stop instead of this batch alone: under FSDP every
+    rank must make the same forward calls, so ranks stop together (``lmzoo.rl.rollout.ranks_done``).
+    Runs under ``torch.inference_mode``, or ``no_grad`` on a model FSDP2 sharded (it keeps the buffers it
+    gathers parameters into, and tensors made in inference mode could not be reused by training)."""
+    mode = torch.no_grad() if _sharded(model) else torch.inference_mode()
+    yield from mode(_stream)(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p,
+                             repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+                             pad_token_id=pad_token_id, generator=generator,
+                             decoder_start_token_id=decoder_start_token_id, with_logits=with_logits,
+                             all_done=all_done)
+
+
+def _sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k, top_p,
+            repetition_penalty, eos_token_id, pad_token_id, generator, decoder_start_token_id, with_logits,
+            all_done) -> Iterator:
     if getattr(model, "is_encoder_decoder", False):  # the prompt goes to the encoder: see seq2seq.py
-        if with_logits:
-            raise LmzooError("generate: with_logits is for decoder-only models; an encoder-decoder streams ids only")
+        if with_logits or all_done is not None:
+            raise LmzooError("generate: with_logits and all_done are for decoder-only models; an encoder-decoder "
+                             "streams ids only")
         yield from stream_seq2seq(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -80,7 +105,8 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
         seen = torch.cat([seen, nxt[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         step_ids, step_mask = nxt[:, None], mask
-        if bool(done.all()):
+        finished = bool(done.all())
+        if all_done(finished) if all_done is not None else finished:
             return
 
 

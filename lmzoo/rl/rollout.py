@@ -60,6 +60,16 @@ class Rollout:
         return out
 
 
+def ranks_done(mine: bool) -> bool:
+    """True once every rank's rows have ended (an all-reduce per decode step): pass as ``all_done`` under FSDP,
+    where each forward all-gathers parameters, so a rank that stopped early would leave the others hanging."""
+    import torch.distributed as dist
+
+    flag = torch.tensor([1 if mine else 0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
 def _eos_list(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
@@ -69,7 +79,7 @@ def _eos_list(eos_token_id) -> list[int]:
 @torch.no_grad()
 def rollout(model, prompts_ids: list[list[int]], *, n: int = 1, max_new_tokens: int = 32, temperature: float = 1.0,
             top_p: float | None = None, top_k: int | None = None, eos_token_id=None, pad_token_id: int | None = None,
-            generator: torch.Generator | None = None, max_len: int | None = None) -> Rollout:
+            generator: torch.Generator | None = None, max_len: int | None = None, all_done=None) -> Rollout:
     """``n`` sampled responses to each prompt (token-id lists), drawn through ``lmzoo.generate.stream``;
     see the module docstring for the layout and the recorded log-probs. ``temperature=0`` decodes
     greedily. ``max_len`` caps prompt + response: longer prompts keep their last
@@ -105,7 +115,7 @@ def rollout(model, prompts_ids: list[list[int]], *, n: int = 1, max_new_tokens: 
     try:
         for nxt, logits in stream(model, prompt, prompt_mask, max_new_tokens=max_new_tokens, do_sample=sample,
                                   temperature=tau, top_k=top_k, top_p=top_p, eos_token_id=eos or None,
-                                  pad_token_id=pad, generator=generator, with_logits=True):
+                                  pad_token_id=pad, generator=generator, with_logits=True, all_done=all_done):
             lp = torch.log_softmax(logits / tau, dim=-1).gather(1, nxt[:, None]).squeeze(1)  # (N,)
             ids.append(nxt)
             logps.append(lp)

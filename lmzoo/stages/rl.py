@@ -23,9 +23,11 @@ per response) too; a ``task:`` reward over a file without ``kind``/``answer`` is
 the first step (and, on resume, of the starting model again: the run's reference never moves).
 
 **Parallelism** (``check_parallel``): DDP works (each rank samples its share of the prompts on the
-unwrapped module; the loop wraps for the update). FSDP is refused: generation stops when every row of
-*this* rank has ended (EOS), so ranks would make different numbers of forward calls, and FSDP's
-per-forward all-gathers would wait forever.
+unwrapped module; the loop wraps for the update). Under FSDP every forward all-gathers parameters, so
+ranks must make the same calls: a rank's generation would stop when *its* rows end (EOS), so GRPO
+passes ``lmzoo.rl.rollout.ranks_done`` (decode until every rank is done; an all-reduce per step) and
+rolls out through the root module FSDP2 sharded. PPO refuses FSDP: its policy is a child of the
+policy + critic root, which FSDP2 does not gather when called alone.
 
 **Layout.** ``Rollout`` tensors are (N, T) with the prompt in the first ``prompt_len`` columns and
 log-probs aligned with the tokens; ``objectives.rl`` wants (N, T_resp) over response tokens only.
@@ -167,12 +169,15 @@ def prompt_batches(n_prompts: int, per_rank: int, env, seed: int):
     return Batches(PromptRows(n_prompts), per_rank, seed=seed, rank=env.rank, world_size=env.world_size)
 
 
-def check_parallel(parallel: str, stage: str) -> None:
-    """Before any process group is set up: ``train.parallel`` fsdp is refused (the module docstring)."""
-    if parallel == "fsdp":
-        raise ConfigError(f"train.parallel fsdp: lmzoo {stage} does not support FSDP: each rank stops decoding when "
-                          "its own rows end (EOS), so ranks make different numbers of forward calls and FSDP's "
-                          "all-gathers would hang; use --parallel ddp (or one process)")
+def check_parallel(parallel: str, stage: str, fsdp: bool = False) -> None:
+    """Before any process group is set up: ``train.parallel`` fsdp is refused unless the stage rolls out
+    through the root module that FSDP2 sharded (``fsdp=True``: GRPO, whose policy is that module; its
+    ranks decode in step, ``lmzoo.rl.rollout.ranks_done``). PPO's policy is a child of the policy +
+    critic module, and calling a child of an FSDP2 root alone leaves the root's parameters sharded."""
+    if parallel == "fsdp" and not fsdp:
+        raise ConfigError(f"train.parallel fsdp: lmzoo {stage} does not support FSDP: its rollouts call a part "
+                          "of the sharded module (the policy inside the policy + critic), which FSDP2 does not "
+                          "gather on its own; use --parallel ddp (or one process)")
 
 
 def device_generator(gen: torch.Generator, device) -> torch.Generator:

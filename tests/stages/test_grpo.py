@@ -126,7 +126,6 @@ def test_bad_input_is_one_clear_error(base, prompts_file, tmp_path, capsys):
                                                    "rollout.group_size 3"),
         (["--data", str(long), "--reward", "tests.stages.test_grpo:sevens"], "prompt 1 is"),
         (["--data", str(bare)], "a task: reward needs each prompt's task"),
-        ([*data, "--parallel", "fsdp"], "does not support FSDP"),
         ([*data, "--set", "rollout.temperature=0"], "rollout.temperature must be > 0"),
     ]
     for extra, message in cases:
@@ -192,9 +191,11 @@ def test_lora_reference_is_the_base_without_a_copy(base, prompts_file, tmp_path)
 
 
 @pytest.mark.slow  # one torchrun launch of 2 processes
-def test_ddp_two_ranks_sample_their_own_prompts_and_finish(base, prompts_file, tmp_path):
-    """2 CPU ranks (gloo): each samples its half of the prompts on the unwrapped module (rows stop at
-    different steps per rank) and the loop's DDP update syncs them; nothing hangs, final/ is written once."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_sample_their_own_prompts_and_finish(parallel, base, prompts_file, tmp_path):
+    """2 CPU ranks (gloo): each samples its half of the prompts (rows stop at different steps per rank;
+    under FSDP the ranks decode in step until both are done) and the loop's update syncs them; nothing
+    hangs, final/ is written once."""
     import os
     import subprocess
     import sys
@@ -202,7 +203,7 @@ def test_ddp_two_ranks_sample_their_own_prompts_and_finish(base, prompts_file, t
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "lmzoo",
            "grpo", "--model", str(base), "--data", str(prompts_file), "--out", str(tmp_path / "ddp"), "--reward",
-           "tests.stages.test_grpo:sevens", "--steps", "3", "--parallel", "ddp", *TINY]
+           "tests.stages.test_grpo:sevens", "--steps", "3", "--parallel", parallel, *TINY]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = records(tmp_path / "ddp")
