@@ -40,7 +40,7 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
     rank must make the same forward calls, so ranks stop together (``lmzoo.rl.rollout.ranks_done``).
     Runs under ``torch.inference_mode``, or ``no_grad`` on a model FSDP2 sharded (it keeps the buffers it
     gathers parameters into, and tensors made in inference mode could not be reused by training)."""
-    mode = torch.no_grad() if _sharded(model) else torch.inference_mode()
+    mode = torch.no_grad() if is_sharded(model) else torch.inference_mode()
     yield from mode(_stream)(model, input_ids, attention_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              temperature=temperature, top_k=top_k, top_p=top_p,
                              repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -49,12 +49,12 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
                              all_done=all_done)
 
 
-def _sharded(model: nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch built without distributed
         return False
-    return isinstance(model, FSDPModule)
+    return isinstance(model, FSDPModule) or getattr(model, "sharded", False) is True  # or a view of one
 
 
 def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k, top_p,

@@ -21,7 +21,7 @@ import torch
 from lmzoo.objectives.rl import (gae, kl_estimate, masked_mean, masked_sum, ppo_policy_loss, ppo_value_loss,
                                  shaped_rewards, whiten)
 from lmzoo.rl.rollout import rollout
-from lmzoo.rl.value import response_values
+from lmzoo.rl.value import Part, response_values
 
 ROLLOUT_STATS = ("reward/mean", "reward/std", "kl", "kl_coef", "response_length", "explained_variance",
                  "eos_fraction")
@@ -48,10 +48,12 @@ def make_buffer(model, tok, prompts, ids, reward, ref, controller, env, precisio
         idx = batch["index"].tolist()
         device = next(model.parameters()).device
         g = gen if device.type == "cpu" else device_generator(gen, device)
+        policy, critic = Part(model, "policy"), Part(model, "critic")
         with torch.no_grad(), autocast():
-            r = rollout(model.policy, [ids[i] for i in idx], n=o["n"], max_new_tokens=o["max_new_tokens"],
+            r = rollout(policy, [ids[i] for i in idx], n=o["n"], max_new_tokens=o["max_new_tokens"],
                         temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
-                        eos_token_id=o["stops"] or None, pad_token_id=o["pad"], generator=g, max_len=o["context"])
+                        eos_token_id=o["stops"] or None, pad_token_id=o["pad"], generator=g, max_len=o["context"],
+                        all_done=_in_step(policy))
         rows = [prompts[i] for i in idx for _ in range(o["n"])]
         texts = [tok.decode(x, skip_special_tokens=True) for x in r.response_ids()]
         scores = score(reward, rows, texts, r).to(device)  # (N,)
@@ -61,7 +63,7 @@ def make_buffer(model, tok, prompts, ids, reward, ref, controller, env, precisio
         with torch.no_grad(), autocast():
             ref_lp = logp if ref is None else response_part(ref(r.input_ids, r.attention_mask, r.response_mask),
                                                             P).float()
-            values = response_values(model.critic(r.input_ids, r.attention_mask), P).float()  # (N, R) V(s_t)
+            values = response_values(critic(r.input_ids, r.attention_mask), P).float()  # (N, R) V(s_t)
         beta = controller.value
         rewards = shaped_rewards(scores, logp, ref_lp, mask, beta, o["kl_kind"])
         adv, returns = gae(rewards, values, mask, o["gamma"], o["lam"])
@@ -100,6 +102,13 @@ def ppo_step(temperature: float, clip_eps: float, clip_range_value: float | None
     return step_fn
 
 
+def _in_step(policy: Part):
+    """Under FSDP2 the ranks decode in step (``ranks_done``); otherwise each stops with its own rows."""
+    from lmzoo.rl.rollout import ranks_done
+
+    return ranks_done if policy.sharded else None
+
+
 def _reference_logits(policy, ref, lora: bool):
     """``logits(ids, mask, keep)`` of the reference, or None when no reference is kept (β = 0)."""
     if ref is None:
@@ -135,13 +144,14 @@ def heldout_hook(tok, prompts, ids, reward, ref, lora: bool, env, o: dict):
     from lmzoo.stages.rl import score
 
     def hook(model) -> dict:
-        policy = model.policy
+        policy = Part(model, "policy")
         ref_logits = _reference_logits(policy, ref, lora)
         scores, kls, lengths, right = [], [], [], []
         for start in range(0, len(ids), o["batch_size"]):
             chunk = list(range(start, min(start + o["batch_size"], len(ids))))
             r = rollout(policy, [ids[i] for i in chunk], n=1, max_new_tokens=o["max_new_tokens"], temperature=0,
-                        eos_token_id=o["stops"] or None, pad_token_id=o["pad"], max_len=o["context"])
+                        eos_token_id=o["stops"] or None, pad_token_id=o["pad"], max_len=o["context"],
+                        all_done=_in_step(policy))
             rows = [prompts[i] for i in chunk]
             texts = [tok.decode(x, skip_special_tokens=True) for x in r.response_ids()]
             scores.append(score(reward, rows, texts, r))

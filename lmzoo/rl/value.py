@@ -119,11 +119,16 @@ class PolicyAndCritic(nn.Module):
         self.critic.eval()
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_len: int | None = None,
+                temperature: float = 1.0, *, part: str | None = None, **kw):
         """((N, R) log π(y_t) of each response token under the temperature-scaled policy, with grad;
-        (N, R) the entropy of each of those distributions, without; (N, R) V(s_t), with grad)."""
+        (N, R) the entropy of each of those distributions, without; (N, R) V(s_t), with grad).
+        ``part="policy"`` or ``"critic"``: that module's own forward (``kw`` passed on), called through
+        this one so FSDP2's root hooks gather the root-level parameters (see ``Part``)."""
         from lmzoo.objectives.rl import token_entropy
+
+        if part is not None:
+            return getattr(self, part)(input_ids, attention_mask=attention_mask, **kw)
 
         T = input_ids.shape[1]
         keep = T - prompt_len + 1  # the logits at prompt_len - 1 .. T - 1; the last one predicts nothing
@@ -134,3 +139,26 @@ class PolicyAndCritic(nn.Module):
             entropy = token_entropy(z)
         values = response_values(self.critic(input_ids, attention_mask=attention_mask), prompt_len)
         return logps, entropy, values
+
+
+class Part:
+    """``Part(policy_and_critic, "policy")`` behaves as ``policy_and_critic.policy`` (generation, reference
+    log-probs, the held-out hook take it) but is called through the root's forward. Under FSDP2 the root
+    module's hooks gather the parameters outside the transformer blocks (embeddings, final norm, head,
+    score head); calling the child directly would leave those sharded."""
+
+    def __init__(self, root: PolicyAndCritic, name: str):
+        self.__dict__["_root"], self.__dict__["_name"] = root, name
+
+    def __call__(self, *args, **kw):
+        return self._root(*args, part=self._name, **kw)
+
+    def __getattr__(self, attr):
+        return getattr(getattr(self._root, self._name), attr)
+
+    @property
+    def sharded(self) -> bool:
+        """True when the root is an FSDP2 module (the engine then decodes under no_grad, ranks in step)."""
+        from lmzoo.generate.engine import is_sharded
+
+        return is_sharded(self._root)

@@ -29,7 +29,8 @@ controller moves once per rollout; its value is part of the data position the lo
 (``PPOBatches.state_dict``), so ``--resume`` continues with the β the uninterrupted run had.
 **Dropout is off** in the policy and the critic (``PolicyAndCritic``), so the ratio starts at exactly 1.
 **Parallelism**: DDP (each rank samples its share of the prompts; the KL the controller reads is the
-mean over ranks, so every rank keeps the same β); FSDP is refused (``lmzoo.stages.rl.check_parallel``).
+mean over ranks, so every rank keeps the same β). Under FSDP2 the policy and critic are called through
+the sharded root (``lmzoo.rl.value.Part``) and the ranks decode in step.
 
 The run folder: metrics.jsonl, checkpoints/ (policy and critic), samples.jsonl, loss.png, ppo.png, final/
 (the policy only, with its tokenizer and chat template) and, with LoRA, adapter/.
@@ -160,7 +161,7 @@ def build(cfg: dict, model_dir, out_dir, *, reward, lora: bool = False, qlora: b
     from lmzoo.objectives.rl import kl_controller
     from lmzoo.rl.ppo import heldout_hook, make_buffer, ppo_step
     from lmzoo.rl.rewards import load_reward
-    from lmzoo.rl.value import PolicyAndCritic, build_critic
+    from lmzoo.rl.value import Part, PolicyAndCritic, build_critic
     from lmzoo.stages.pretrain import check_resume
     from lmzoo.stages.rl import check_parallel, encode_prompts, prompt_batches, reference_logps, samples_hook
     from lmzoo.stages.sft import attach_lora, load_model, pick_template
@@ -174,7 +175,7 @@ def build(cfg: dict, model_dir, out_dir, *, reward, lora: bool = False, qlora: b
     tcfg = TrainConfig.from_dict(cfg.get("train"), f"{source}: train")
     out_dir = Path(out_dir)
     check_resume(out_dir, resume, resume_or_start)
-    check_parallel(tcfg.parallel, "ppo")
+    check_parallel(tcfg.parallel, "ppo", fsdp=True)
     env = setup(tcfg.parallel, tcfg.device)
     batch = int(data.get("batch_size", 16))
     if batch % env.world_size:
@@ -230,7 +231,7 @@ def build(cfg: dict, model_dir, out_dir, *, reward, lora: bool = False, qlora: b
         if int(esec.get("samples", 8)):
             samples = samples_hook(tok, held_p, held_ids, stops, score_fn, out_dir, lambda: trainer_box[0].step,
                                    eval_new, env, n=int(esec.get("samples", 8)))
-            hooks.append(lambda m: samples(m.policy))
+            hooks.append(lambda m: samples(Part(m, "policy")))  # through the root (FSDP2)
     tcfg.extra = {**tcfg.extra, "stage": "ppo", "family": fam.name, "model": str(model_dir), "reward": str(reward),
                   "critic": critic_kind, "lora": lora, "kl": kcfg}
     if env.is_main:
