@@ -274,17 +274,9 @@ def run_ppo(cfg: dict, model_dir, out_dir, *, reward, lora: bool = False, qlora:
 
 def plot_ppo(metrics: Path, png: Path) -> None:
     """Rollout reward, KL and β, the critic's fit, and the held-out reward and KL, against the step."""
-    import matplotlib
+    from lmzoo.stages.rl import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from lmzoo.train.metrics import read_metrics
-
-    rows = read_metrics(metrics)
-    train = [r for r in rows if r.get("split") == "train"]
-    ev = [r for r in rows if r.get("split") == "eval"]
-    fig, ax = plt.subplots(1, 4, figsize=(18, 3.6))
+    plt, fig, ax, train, ev = figure(metrics, 4, 18)
 
     def line(axis, recs, key, label, style="-"):
         pts = [(r["step"], r[key]) for r in recs if key in r]

@@ -277,8 +277,8 @@ def score(reward, rows: list[Prompt], texts: list[str], r) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def plot_rl(metrics: Path, png: Path) -> None:
-    """Reward (train rollouts), KL to the reference and held-out accuracy against the step."""
+def figure(metrics: Path, panels: int, width: float):
+    """(pyplot, figure, axes, train records, eval records) of a run's metrics.jsonl, for a row of plots."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -289,7 +289,13 @@ def plot_rl(metrics: Path, png: Path) -> None:
     rows = read_metrics(metrics)
     train = [r for r in rows if r.get("split") == "train"]
     ev = [r for r in rows if r.get("split") == "eval"]
-    fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, ax = plt.subplots(1, panels, figsize=(width, 3.6))
+    return plt, fig, ax, train, ev
+
+
+def plot_rl(metrics: Path, png: Path) -> None:
+    """Reward (train rollouts), KL to the reference and held-out accuracy against the step."""
+    plt, fig, ax, train, ev = figure(metrics, 3, 14)
     for key, axis, title in (("reward/mean", ax[0], "reward (rollout mean)"), ("kl", ax[1], "KL(π_θ ‖ π_ref), k3")):
         pts = [(r["step"], r[key]) for r in train if key in r]
         if pts:
