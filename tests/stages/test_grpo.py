@@ -92,7 +92,7 @@ def test_builtin_grpo_makes_the_sft_model_answer_better(sft_sorting, tmp_path):
     run's own held-out ones, unseen by either run) right more often, and its sampled rewards higher."""
     import sys
 
-    start = sft_sorting
+    start = sft_sorting.final_dir
     tasks = SORTING
     cfg = yaml.safe_load(SHIPPED.read_text())
     cfg["data"].update(batch_size=64, builtin=tasks)

@@ -135,7 +135,7 @@ def test_builtin_preference_learning_makes_the_sft_model_better(sft_sorting, tmp
     reward model on the same SFT model ranks held-out pairs well above chance."""
     import sys
 
-    start = sft_sorting
+    start = sft_sorting.final_dir
     tasks = {"level": "easy", "kinds": ["sort"]}
     builtin = {"n": 1000, "n_eval": 100, **tasks}
     cfg = small("dpo", steps=120, max_len=48, batch_size=16, builtin={**builtin, "rejected": "policy"})
