@@ -52,8 +52,7 @@ def make_buffer(model, tok, prompts, ids, reward, ref, controller, env, precisio
         with torch.no_grad(), autocast():
             r = rollout(policy, [ids[i] for i in idx], n=o["n"], max_new_tokens=o["max_new_tokens"],
                         temperature=o["temperature"], top_k=o["top_k"], top_p=o["top_p"],
-                        eos_token_id=o["stops"] or None, pad_token_id=o["pad"], generator=g, max_len=o["context"],
-                        all_done=_in_step(policy))
+                        eos_token_id=o["stops"] or None, pad_token_id=o["pad"], generator=g, max_len=o["context"])
         rows = [prompts[i] for i in idx for _ in range(o["n"])]
         texts = [tok.decode(x, skip_special_tokens=True) for x in r.response_ids()]
         scores = score(reward, rows, texts, r).to(device)  # (N,)
@@ -102,13 +101,6 @@ def ppo_step(temperature: float, clip_eps: float, clip_range_value: float | None
     return step_fn
 
 
-def _in_step(policy: Part):
-    """Under FSDP2 the ranks decode in step (``ranks_done``); otherwise each stops with its own rows."""
-    from lmzoo.rl.rollout import ranks_done
-
-    return ranks_done if policy.sharded else None
-
-
 def _reference_logits(policy, ref, lora: bool):
     """``logits(ids, mask, keep)`` of the reference, or None when no reference is kept (β = 0)."""
     if ref is None:
@@ -150,8 +142,7 @@ def heldout_hook(tok, prompts, ids, reward, ref, lora: bool, env, o: dict):
         for start in range(0, len(ids), o["batch_size"]):
             chunk = list(range(start, min(start + o["batch_size"], len(ids))))
             r = rollout(policy, [ids[i] for i in chunk], n=1, max_new_tokens=o["max_new_tokens"], temperature=0,
-                        eos_token_id=o["stops"] or None, pad_token_id=o["pad"], max_len=o["context"],
-                        all_done=_in_step(policy))
+                        eos_token_id=o["stops"] or None, pad_token_id=o["pad"], max_len=o["context"])
             rows = [prompts[i] for i in chunk]
             texts = [tok.decode(x, skip_special_tokens=True) for x in r.response_ids()]
             scores.append(score(reward, rows, texts, r))

@@ -61,8 +61,9 @@ class Rollout:
 
 
 def ranks_done(mine: bool) -> bool:
-    """True once every rank's rows have ended (an all-reduce per decode step): pass as ``all_done`` under FSDP,
-    where each forward all-gathers parameters, so a rank that stopped early would leave the others hanging."""
+    """True once every rank's rows have ended (an all-reduce per decode step): ``rollout``'s ``all_done`` on a
+    model FSDP2 sharded (each forward all-gathers parameters, so a rank that stopped early would leave the
+    others hanging); ``rollout`` uses it there by itself."""
     import torch.distributed as dist
 
     flag = torch.tensor([1 if mine else 0])
@@ -86,6 +87,7 @@ def rollout(model, prompts_ids: list[list[int]], *, n: int = 1, max_new_tokens: 
     ``max_len - max_new_tokens`` tokens (the end, where they ask). The model is put in eval mode for the
     rollout and given back in its mode."""
     from lmzoo.generate import stream
+    from lmzoo.generate.engine import is_sharded
 
     if n < 1:
         raise LmzooError(f"rollout: n (samples per prompt) must be at least 1, got {n}")
@@ -115,7 +117,8 @@ def rollout(model, prompts_ids: list[list[int]], *, n: int = 1, max_new_tokens: 
     try:
         for nxt, logits in stream(model, prompt, prompt_mask, max_new_tokens=max_new_tokens, do_sample=sample,
                                   temperature=tau, top_k=top_k, top_p=top_p, eos_token_id=eos or None,
-                                  pad_token_id=pad, generator=generator, with_logits=True, all_done=all_done):
+                                  pad_token_id=pad, generator=generator, with_logits=True,
+                                  all_done=all_done if all_done is not None or not is_sharded(model) else ranks_done):
             lp = torch.log_softmax(logits / tau, dim=-1).gather(1, nxt[:, None]).squeeze(1)  # (N,)
             ids.append(nxt)
             logps.append(lp)

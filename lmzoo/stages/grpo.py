@@ -82,7 +82,7 @@ def run_grpo(cfg: dict, model_dir, out_dir, *, reward=None, lora: bool = False, 
     from lmzoo.objectives.rl import grpo_advantages, grpo_loss, masked_mean
     from lmzoo.rl.buffer import RolloutBatches
     from lmzoo.rl.rewards import load_reward
-    from lmzoo.rl.rollout import ranks_done, rollout, sequence_token_logps
+    from lmzoo.rl.rollout import rollout, sequence_token_logps
     from lmzoo.stages.pretrain import check_resume
     from lmzoo.stages.sft import accuracy_hook, attach_lora, load_model, pick_template, save_outputs
     from lmzoo.tokenizers.chat import stop_ids
@@ -95,7 +95,6 @@ def run_grpo(cfg: dict, model_dir, out_dir, *, reward=None, lora: bool = False, 
     tcfg = TrainConfig.from_dict(cfg.get("train"), f"{source}: train")
     out_dir = Path(out_dir)
     check_resume(out_dir, resume, resume_or_start)
-    rl.check_parallel(tcfg.parallel, "grpo", fsdp=True)
     env = setup(tcfg.parallel, tcfg.device)
     G, batch = int(ro.get("group_size", 8)), int(data.get("batch_size", 32))
     if batch % (G * env.world_size):
@@ -130,14 +129,13 @@ def run_grpo(cfg: dict, model_dir, out_dir, *, reward=None, lora: bool = False, 
     epochs, minibatches = int(ro.get("epochs", 1)), int(ro.get("minibatches", 1))
     on_policy = epochs * minibatches == 1  # every step samples afresh: old = current, ρ = 1 exactly
     policy = model  # the unwrapped module: rollouts never go through DDP (FSDP2 shards this module in place)
-    sync = ranks_done if tcfg.parallel == "fsdp" else None  # FSDP: every rank decodes until all ranks are done
 
     def make(prompt_batch: dict, gen: torch.Generator) -> dict:
         idx = prompt_batch["index"].tolist()
         device = next(policy.parameters()).device
         r = rollout(policy, [ids[i] for i in idx], n=G, max_new_tokens=max_new, temperature=tau,
                     top_p=ro.get("top_p"), top_k=ro.get("top_k"), eos_token_id=stops or None, pad_token_id=pad,
-                    generator=rl.device_generator(gen, device), all_done=sync)
+                    generator=rl.device_generator(gen, device))
         rows = [prompts.train[i] for i in idx for _ in range(G)]  # row k answers prompt idx[k // G]
         texts = [tok.decode(x, skip_special_tokens=True) for x in r.response_ids()]
         rewards = rl.score(reward_fn, rows, texts, r)  # (N,)

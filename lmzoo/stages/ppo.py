@@ -163,7 +163,7 @@ def build(cfg: dict, model_dir, out_dir, *, reward, lora: bool = False, qlora: b
     from lmzoo.rl.rewards import load_reward
     from lmzoo.rl.value import Part, PolicyAndCritic, build_critic
     from lmzoo.stages.pretrain import check_resume
-    from lmzoo.stages.rl import check_parallel, encode_prompts, prompt_batches, reference_logps, samples_hook
+    from lmzoo.stages.rl import encode_prompts, prompt_batches, reference_logps, samples_hook
     from lmzoo.stages.sft import attach_lora, load_model, pick_template
     from lmzoo.tokenizers.chat import stop_ids
     from lmzoo.train.distributed import setup
@@ -175,7 +175,6 @@ def build(cfg: dict, model_dir, out_dir, *, reward, lora: bool = False, qlora: b
     tcfg = TrainConfig.from_dict(cfg.get("train"), f"{source}: train")
     out_dir = Path(out_dir)
     check_resume(out_dir, resume, resume_or_start)
-    check_parallel(tcfg.parallel, "ppo", fsdp=True)
     env = setup(tcfg.parallel, tcfg.device)
     batch = int(data.get("batch_size", 16))
     if batch % env.world_size:

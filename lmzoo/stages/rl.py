@@ -22,12 +22,12 @@ per response) too; a ``task:`` reward over a file without ``kind``/``answer`` is
 (``lmzoo.peft.disable_adapters``, no copy); otherwise a frozen copy of the starting model, made before
 the first step (and, on resume, of the starting model again: the run's reference never moves).
 
-**Parallelism** (``check_parallel``): DDP works (each rank samples its share of the prompts on the
+**Parallelism**: DDP works (each rank samples its share of the prompts on the
 unwrapped module; the loop wraps for the update). Under FSDP every forward all-gathers parameters, so
-ranks must make the same calls: a rank's generation would stop when *its* rows end (EOS), so the
-stages pass ``lmzoo.rl.rollout.ranks_done`` (decode until every rank is done; an all-reduce per step)
-and call the module FSDP2 sharded at its root (GRPO's policy is that root; PPO's policy and critic
-are called through their shared root, ``lmzoo.rl.value.Part``).
+ranks must make the same calls: a rank's generation would stop when *its* rows end (EOS), so a
+rollout on a sharded model decodes until every rank is done (``lmzoo.rl.rollout.ranks_done``, an
+all-reduce per step), and the stages call the module FSDP2 sharded at its root (GRPO's policy is that
+root; PPO's policy and critic are called through their shared root, ``lmzoo.rl.value.Part``).
 
 **Layout.** ``Rollout`` tensors are (N, T) with the prompt in the first ``prompt_len`` columns and
 log-probs aligned with the tokens; ``objectives.rl`` wants (N, T_resp) over response tokens only.
@@ -169,13 +169,6 @@ def prompt_batches(n_prompts: int, per_rank: int, env, seed: int):
     return Batches(PromptRows(n_prompts), per_rank, seed=seed, rank=env.rank, world_size=env.world_size)
 
 
-def check_parallel(parallel: str, stage: str, fsdp: bool = True) -> None:
-    """Before any process group is set up: ``train.parallel`` fsdp is refused for a stage that cannot
-    keep its ranks' forward calls in step (``fsdp=False``); GRPO and PPO can (module docstring)."""
-    if parallel == "fsdp" and not fsdp:
-        raise ConfigError(f"train.parallel fsdp: lmzoo {stage} does not support FSDP; use --parallel ddp")
-
-
 def device_generator(gen: torch.Generator, device) -> torch.Generator:
     """A generator on ``device`` seeded from ``gen`` (RolloutBatches' CPU generator), for sampling there."""
     seed = int(torch.randint(0, 2 ** 62, (1,), generator=gen))
@@ -229,15 +222,14 @@ def samples_hook(tok, prompts: list[Prompt], ids: list[list[int]], stops: list[i
                  max_new_tokens: int, env, n: int = 8):
     """An eval hook: greedy replies to the first ``n`` prompts with their rewards, appended to
     ``out/samples.jsonl`` as {step, prompt, response, reward} (rank 0); logs ``samples/reward``."""
-    from lmzoo.generate.engine import is_sharded
-    from lmzoo.rl.rollout import ranks_done, rollout
+    from lmzoo.rl.rollout import rollout
 
     chosen = list(range(min(n, len(prompts))))
     pad = tok.pad_id if tok.pad_id is not None else (stops[0] if stops else 0)
 
     def hook(model) -> dict:
         r = rollout(model, [ids[i] for i in chosen], n=1, max_new_tokens=max_new_tokens, temperature=0,
-                    eos_token_id=stops or None, pad_token_id=pad, all_done=ranks_done if is_sharded(model) else None)
+                    eos_token_id=stops or None, pad_token_id=pad)
         texts = [tok.decode(x, skip_special_tokens=True) for x in r.response_ids()]
         ps = [prompts[i] for i in chosen]
         values = reward([p.prompt for p in ps], texts, **reward_context(ps, r))
