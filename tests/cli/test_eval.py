@@ -110,3 +110,17 @@ def test_a_model_without_a_tokenizer_or_without_a_model_is_refused(model_dir, tm
     assert "holds no tokenizer" in capsys.readouterr().err
     assert main(["eval", "--tasks", "add"]) != 0
     assert "give --model" in capsys.readouterr().err
+
+
+def test_a_quantized_checkpoint_is_evaluated_as_saved(model_dir, tmp_path, capsys):
+    """RTN 8-bit per channel, saved packed and loaded back by lmzoo.load: its perplexity is the float
+    model's within a percent, and not bit-equal (the packed weights are what was scored)."""
+    m = lmzoo.load(model_dir)
+    lmzoo.quantize(m, "rtn", bits=8, group_size=None)
+    q = lmzoo.save(m, tmp_path / "q8")
+    assert "quantization_config" in json.loads((q / "config.json").read_text())
+    text, ppl = _text(tmp_path), []
+    for d in (model_dir, q):
+        assert main(["eval", "--model", str(d), "--data", str(text), "--no-progress", "--json"]) == 0
+        ppl.append(list(json.loads(capsys.readouterr().out)["models"][0]["text"].values())[0]["perplexity"])
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-2) and ppl[1] != ppl[0]
