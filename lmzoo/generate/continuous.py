@@ -1,0 +1,322 @@
+"""The continuous-batching engine: requests join and leave between steps, over the paged KV cache.
+
+    eng = Engine(model, block_size=16, max_batch=32, max_batched_tokens=512)
+    rid = eng.add_request(prompt_ids, SamplingParams(max_tokens=64, temperature=0))
+    while eng.has_unfinished():
+        for out in eng.step(): ...        # RequestOutput: new tokens, finished, finish_reason
+
+The scheduler (nano-vllm's, in spirit) keeps a waiting queue and a running list. Each ``step`` is one
+forward of one of two kinds:
+
+- **prefill**: the running sequences still short of their last prompt token, then waiting requests
+  (oldest first) while the batch has room (``max_batch`` sequences) and the token budget
+  (``max_batched_tokens``) lasts; a prompt longer than the budget is computed in chunks over several
+  steps (chunked prefill). A chunk that reaches the end of its prompt samples the first new token.
+- **decode**: one token for every running sequence.
+
+A sequence that finishes (a stop token, ``max_tokens``, the model's context, ``abort``) frees its blocks
+at once, and the next prefill step gives its slot to the next request. When a decode step needs a block
+and none is free, the newest running sequence is preempted: its blocks are freed and it goes back to the
+front of the waiting queue, to be recomputed from its prompt and the tokens it had generated (vLLM's
+recompute preemption); its output continues where it stopped.
+
+Each request samples with its own ``SamplingParams`` and its own generator (seeded by ``seed``), so a
+seeded request draws the same tokens alone or in any batch, and greedy requests equal
+``lmzoo.generate`` run on each alone (tests/generate/test_continuous.py). Causal decoders only (every
+causal family: the K/V the pool stores is read off the model's own cache); a prefix decoder or an
+encoder-decoder keeps per-row cache state and is refused with one line (``lmzoo.generate`` serves them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmzoo.errors import LmzooError
+from lmzoo.generate.paged import BatchView, BlockPool
+from lmzoo.generate.requests import RequestOutput, SamplingParams
+from lmzoo.generate.sampling import LogitsProcessor, choose, process_logits
+
+KV_BUDGET_BYTES = 2 << 30  # the default pool is at most this large (max_batch full contexts if smaller)
+
+
+@dataclass(eq=False)
+class Sequence:
+    rid: str
+    prompt: list[int]
+    params: SamplingParams
+    stops: frozenset[int]
+    generator: torch.Generator
+    output: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    computed: int = 0  # tokens whose K/V are in the blocks
+    cached: int = 0  # prompt tokens found in the prefix cache at admission
+    keys: list[int] = field(default_factory=list)  # prefix keys of its full blocks, in order
+    finish_reason: str | None = None
+    new: list[int] = field(default_factory=list)  # tokens added this step, reported by step()
+    new_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def remaining(self) -> int:
+        """Tokens still to be fed before the next one can be sampled."""
+        return len(self.prompt) + len(self.output) - self.computed
+
+
+class Engine:
+    """Continuous batching over ``model`` (a causal decoder in eval mode). ``num_blocks`` None: enough
+    blocks for ``max_batch`` sequences of the full context, at most ``KV_BUDGET_BYTES``."""
+
+    def __init__(self, model: nn.Module, *, block_size: int = 16, num_blocks: int | None = None, max_batch: int = 32,
+                 max_batched_tokens: int = 512, prefix_caching: bool = True):
+        if getattr(model, "is_encoder_decoder", False) or not hasattr(model, "new_cache"):
+            raise LmzooError(f"the continuous-batching engine runs causal decoders; {type(model).__name__} is not one "
+                             "(lmzoo.generate runs encoder-decoders)")
+        if max_batch < 1 or max_batched_tokens < 1:
+            raise LmzooError(f"max_batch and max_batched_tokens must be >= 1, got {max_batch}, {max_batched_tokens}")
+        self.model = model.eval()
+        self.context_length = int(getattr(model.config, "max_positions", None) or 4096)
+        if num_blocks is None:
+            per_block = BlockPool(model, 1, block_size).bytes_per_block
+            want = max_batch * -(-self.context_length // block_size)
+            num_blocks = max(1, min(want, KV_BUDGET_BYTES // max(1, per_block)))
+        self.pool = BlockPool(model, num_blocks, block_size)
+        self.max_batch, self.max_batched_tokens, self.prefix_caching = max_batch, max_batched_tokens, prefix_caching
+        eos = getattr(model.config, "eos_token_id", None)
+        self.eos = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self._finished: list[Sequence] = []  # aborted between steps, reported by the next step
+        self._ids = itertools.count()
+        self._seeds = random.Random(0)
+        self.counters = {"prefill_steps": 0, "decode_steps": 0, "preemptions": 0, "prefix_cache_hits": 0,
+                         "generated_tokens": 0}
+
+    # -- requests -----------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise LmzooError("the prompt is empty; give at least one token")
+        if len(prompt) + params.max_tokens > self.context_length:
+            raise LmzooError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the model's "
+                             f"context of {self.context_length} tokens")
+        room = self.pool.num_blocks * self.pool.block_size
+        if len(prompt) + params.max_tokens > room:  # it could never hold its blocks, even alone
+            raise LmzooError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the paged "
+                             f"cache's {room} token slots ({self.pool.num_blocks} blocks of {self.pool.block_size})")
+        vocab = self.model.config.vocab_size
+        if max(prompt) >= vocab or min(prompt) < 0:
+            raise LmzooError(f"the prompt holds token ids outside the vocabulary of {vocab}")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise LmzooError(f"request id {rid!r} is already in the engine")
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(63)
+        device = next(self.model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
+        seq = Sequence(rid, prompt, params, stops, gen)
+        self.seqs[rid] = seq
+        self.waiting.append(seq)
+        return rid
+
+    def abort(self, request_id: str, reason: str = "abort") -> None:
+        """Stop a request now and free its blocks; the next ``step`` reports it finished with ``reason``."""
+        seq = self.seqs.get(request_id)
+        if seq is None or seq.finish_reason is not None:
+            return
+        self._finish(seq, reason)
+        self._finished.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self._finished)
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting), "blocks_used": self.pool.used,
+                "blocks_total": self.pool.num_blocks, "block_size": self.pool.block_size,
+                "kv_bytes_used": self.pool.used * self.pool.bytes_per_block,
+                "tokens_held": sum(s.computed for s in self.running), **self.counters}
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[int]]:
+        """Every prompt to completion (offline batch): the generated ids of each, in order."""
+        ps = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        rids = [self.add_request(p, q) for p, q in zip(prompts, ps)]
+        done: dict[str, list[int]] = {}
+        while self.has_unfinished():
+            done.update({o.request_id: o.token_ids for o in self.step() if o.finished})
+        return [done[r] for r in rids]
+
+    # -- one step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        """One prefill or decode forward; what each touched request gained."""
+        batch = self._schedule_prefill() or self._schedule_decode()
+        if batch:
+            self._forward(batch)
+        outs = [self._output(seq) for seq, _ in batch if seq not in self._finished]
+        for seq in self._finished:
+            outs.append(self._output(seq))
+        self._finished = []
+        return outs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        out = RequestOutput(seq.rid, seq.new, list(seq.output), seq.finish_reason is not None, seq.finish_reason,
+                            seq.new_logprobs, len(seq.prompt), seq.cached)
+        seq.new, seq.new_logprobs = [], []
+        if out.finished:
+            self.seqs.pop(seq.rid, None)
+        return out
+
+    def _schedule_prefill(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to feed) for a prefill step, or [] when nothing waits to be prefilled."""
+        budget, batch = self.max_batched_tokens, []
+        longest_past = longest_new = 0
+        candidates = [s for s in self.running if s.remaining > 1]
+        for seq in candidates + list(self.waiting):
+            if budget <= 0 or len(batch) >= self.max_batch:
+                break
+            fresh = seq in self.waiting
+            if fresh and len(self.running) >= self.max_batch:  # admitted ones are already running
+                break
+            if fresh:
+                self._reuse_prefix(seq)
+            n = min(seq.remaining, budget)
+            # the left-padded batch spans max past + max new positions: keep it within the context
+            if max(longest_past, seq.computed) + max(longest_new, n) > self.context_length:
+                if fresh:
+                    self._unreuse(seq)
+                break
+            need = -(-(seq.computed + n) // self.pool.block_size) - len(seq.blocks)
+            if not self.pool.can_allocate(need):
+                if fresh:
+                    self._unreuse(seq)
+                break
+            seq.blocks += [self.pool.allocate() for _ in range(need)]
+            if fresh:
+                self.waiting.remove(seq)
+                self.running.append(seq)
+            batch.append((seq, n))
+            budget -= n
+            longest_past, longest_new = max(longest_past, seq.computed), max(longest_new, n)
+        if batch:
+            self.counters["prefill_steps"] += 1
+        return batch
+
+    def _schedule_decode(self) -> list[tuple[Sequence, int]]:
+        batch = []
+        for seq in list(self.running):
+            if seq not in self.running:  # preempted below to make room for an earlier one
+                continue
+            if seq.computed % self.pool.block_size == 0 and seq.computed // self.pool.block_size >= len(seq.blocks):
+                while not self.pool.can_allocate(1):
+                    victim = self.running[-1]
+                    self._preempt(victim)
+                    if victim is seq:
+                        break
+                if seq not in self.running:
+                    continue
+                seq.blocks.append(self.pool.allocate())
+            batch.append((seq, 1))
+        if batch:
+            self.counters["decode_steps"] += 1
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and send it back to wait; it is recomputed from its tokens later."""
+        self.running.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks, seq.computed, seq.keys = [], 0, []
+        self.waiting.appendleft(seq)
+        self.counters["preemptions"] += 1
+
+    # -- prefix cache -------------------------------------------------------------------------------
+    def _reuse_prefix(self, seq: Sequence) -> None:
+        """Share the cached full blocks the sequence's tokens start with (never its last token: the
+        forward must compute at least one position to sample from)."""
+        if not self.prefix_caching or seq.blocks:
+            return
+        bs, toks, parent = self.pool.block_size, seq.tokens, None
+        for i in range((len(toks) - 1) // bs):
+            chunk = tuple(toks[i * bs:(i + 1) * bs])
+            key = self.pool.key(parent, chunk)
+            b = self.pool.lookup(key, chunk)
+            if b is None:
+                break
+            self.pool.share(b)
+            seq.blocks.append(b)
+            seq.keys.append(key)
+            parent = key
+        seq.computed = len(seq.blocks) * bs
+        if not seq.output:
+            seq.cached = seq.computed
+        self.counters["prefix_cache_hits"] += seq.computed
+
+    def _unreuse(self, seq: Sequence) -> None:
+        self.pool.release(seq.blocks)
+        self.counters["prefix_cache_hits"] -= seq.computed
+        seq.blocks, seq.computed, seq.keys, seq.cached = [], 0, [], 0
+
+    def _register_full_blocks(self, seq: Sequence) -> None:
+        if not self.prefix_caching:
+            return
+        bs, toks = self.pool.block_size, seq.tokens
+        for i in range(len(seq.keys), seq.computed // bs):  # blocks that became full this step
+            chunk = tuple(toks[i * bs:(i + 1) * bs])
+            key = self.pool.key(seq.keys[-1] if seq.keys else None, chunk)
+            self.pool.register(seq.blocks[i], key, chunk)
+            seq.keys.append(key)
+
+    # -- the forward --------------------------------------------------------------------------------
+    def _forward(self, batch: list[tuple[Sequence, int]]) -> None:
+        view = BatchView(self.pool, [(s.blocks, s.computed, n) for s, n in batch])
+        T = view.T
+        device = view.past.device
+        ids = torch.zeros(len(batch), T, dtype=torch.long, device=device)  # (B, T) new tokens, right-aligned
+        for i, (s, n) in enumerate(batch):
+            ids[i, T - n:] = torch.tensor(s.tokens[s.computed:s.computed + n], device=device)
+        mask = view.attention_mask()
+        logits = self.model(ids, attention_mask=None if bool(mask.all()) else mask, cache=view,
+                            logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        for i, (s, n) in enumerate(batch):
+            s.computed += n
+            self._register_full_blocks(s)
+            if s.remaining == 0:
+                self._sample(s, logits[i:i + 1])
+
+    def _sample(self, seq: Sequence, raw: torch.Tensor) -> None:
+        p = seq.params
+        proc = LogitsProcessor(do_sample=not p.greedy, temperature=p.temperature or 1.0,
+                               top_k=p.top_k or None, top_p=p.top_p if p.top_p < 1 else None,
+                               repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1 else None)
+        seen = torch.tensor([seq.tokens], device=raw.device)
+        logits = process_logits(raw, seen, proc)  # (1, V)
+        tok = int(choose(logits, proc, seq.generator))
+        seq.output.append(tok)
+        seq.new.append(tok)
+        if p.logprobs:
+            seq.new_logprobs.append(float(torch.log_softmax(logits, -1)[0, tok]))
+        self.counters["generated_tokens"] += 1
+        if tok in seq.stops:
+            self._finish(seq, "stop")
+        elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.context_length:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        self.pool.release(seq.blocks)
+        seq.blocks = []
