@@ -39,6 +39,12 @@ def add_arguments(p) -> None:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    spec = p.add_mutually_exclusive_group()
+    spec.add_argument("--draft", metavar="DIR", help="speculative decoding with this draft model (same vocabulary); "
+                      "greedy output is unchanged, sampled output keeps the model's distribution")
+    spec.add_argument("--prompt-lookup", type=int, metavar="N", help="speculative decoding drafted by matching the "
+                      "last N tokens earlier in the text (no draft model)")
+    p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round (with --draft / --prompt-lookup)")
 
 
 def _tokenizer(model_spec: str):
@@ -79,6 +85,12 @@ def check_settings(args) -> None:
     except ValueError as e:  # "top_p must be in (0, 1], got 2.0": name the flag, not the field
         field, _, rest = str(e).partition(" ")
         raise LmzooError(f"--{field.replace('_', '-')} {rest}") from e
+    if args.draft or args.prompt_lookup is not None:
+        if args.draft_k < 1 or (args.prompt_lookup is not None and args.prompt_lookup < 1):
+            raise LmzooError("--draft-k and --prompt-lookup must be at least 1")
+        if args.repetition_penalty not in (None, 1.0):
+            raise LmzooError("--repetition-penalty does not combine with speculative decoding (the penalty would "
+                             "change with every accepted draft inside one forward)")
 
 
 def _eos_ids(model, tok) -> list[int]:
@@ -114,6 +126,8 @@ def run(args) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     text = TextStream(tok) if tok is not None else None
     eos = _eos_ids(model, tok)
+    if args.draft or args.prompt_lookup is not None:
+        return _speculative(args, model, ids, eos, text, gen)
     for nxt in lmzoo.stream(model, torch.tensor([ids]), max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             repetition_penalty=args.repetition_penalty, eos_token_id=eos or None, generator=gen):
@@ -123,4 +137,26 @@ def run(args) -> int:
         sys.stdout.write(text.add(t) if text is not None else f"{t} ")
         sys.stdout.flush()
     sys.stdout.write((text.flush() if text is not None else "") + "\n")
+    return 0
+
+
+def _speculative(args, model, ids, eos, text, gen) -> int:
+    """``--draft`` / ``--prompt-lookup``: the whole reply at once (rounds of k drafts), then its stats."""
+    from lmzoo.generate.speculative import speculative_generate
+
+    draft = resolve_model(args.draft, args.dtype, args.seed, skip_memory_check=args.skip_memory_check) \
+        if args.draft else None
+    out, stats = speculative_generate(model, torch.tensor([ids]), draft=draft, prompt_lookup=args.prompt_lookup,
+                                      k=args.draft_k, max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                      eos_token_id=eos or None, generator=gen)
+    new = out[0, len(ids):].tolist()
+    if text is not None:
+        cut = next((k for k, t in enumerate(new) if t in eos), len(new))
+        sys.stdout.write("".join(text.add(t) for t in new[:cut]) + text.flush() + "\n")
+    else:
+        sys.stdout.write(" ".join(map(str, new)) + "\n")
+    print(f"speculative: {stats.accepted} of {stats.proposed} drafted tokens accepted "
+          f"({stats.acceptance_rate:.0%}), {stats.tokens_per_forward:.2f} tokens per forward of the model",
+          file=sys.stderr)
     return 0

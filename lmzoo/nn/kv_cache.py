@@ -57,6 +57,15 @@ class KVCache:
         self.length += self._pending
         self._pending = 0
 
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens and forget the rest (speculative decoding's rejected drafts).
+        Nothing is zeroed: a forward reads only ``[:length + new]``, and the next update overwrites the rest.
+        Shared by every subclass (``LatentCache``: the latents and RoPE keys are cropped alike)."""
+        if not 0 <= length <= self.length:
+            raise LmzooError(f"KV cache crop: length {length} is outside 0..{self.length} (the cached tokens)")
+        self.length = length
+        self._pending = 0
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep/reorder batch rows (beam search, dropping finished rows)."""
         self.k = [t.index_select(0, index) for t in self.k]

@@ -308,3 +308,27 @@ def test_ctrl_c_in_any_command_is_one_line_and_exit_130(monkeypatch, capsys):
     monkeypatch.setattr(zoo, "rows", interrupted)
     assert main(["zoo"]) == 130
     assert capsys.readouterr().err == "lmzoo: interrupted\n"
+
+
+def test_generate_with_speculative_decoding_prints_the_greedy_text(tmp_path, capsys):
+    """--prompt-lookup and --draft (the model as its own draft) print exactly what plain greedy prints, and
+    say how many drafted tokens were accepted."""
+    from lmzoo.models.llama.config import LlamaConfig
+
+    tok = _tiny_tokenizer()
+    torch.manual_seed(0)
+    model = lmzoo.build(LlamaConfig(vocab_size=tok.get_vocab_size(), d_model=32, n_layers=2, n_heads=4, d_ff=48,
+                                    max_positions=64))
+    d = lmzoo.save(model, tmp_path / "m")
+    tok.save(str(d / "tokenizer.json"))
+    base = ["generate", "--model", str(d), "--prompt", "hello the cat sat on the mat, hello the cat",
+            "--max-new-tokens", "12"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    for extra in (["--prompt-lookup", "2"], ["--draft", str(d), "--draft-k", "3"]):
+        assert main(base + extra) == 0
+        got = capsys.readouterr()
+        assert got.out == plain and "drafted tokens accepted" in got.err, extra
+    assert "(100%)" in got.err  # its own draft always agrees
+    assert main(base + ["--prompt-lookup", "0"]) != 0
+    assert "--prompt-lookup must be at least 1" in capsys.readouterr().err
