@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(BIN)/lmzoo speedrun
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q  # addopts adds -rs: the summary line and every skip reason
+	# two workers (pytest-xdist): a module, or the tests sharing the trained models, stay on one (tests/conftest.py)
+	$(BIN)/python -m pytest -q -n 2  # addopts adds -rs: the summary line and every skip reason
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_llama.py

@@ -85,7 +85,7 @@ def check_settings(args) -> None:
     except ValueError as e:  # "top_p must be in (0, 1], got 2.0": name the flag, not the field
         field, _, rest = str(e).partition(" ")
         raise LmzooError(f"--{field.replace('_', '-')} {rest}") from e
-    if args.draft or args.prompt_lookup is not None:
+    if getattr(args, "draft", None) or getattr(args, "prompt_lookup", None) is not None:  # lmzoo chat has neither
         if args.draft_k < 1 or (args.prompt_lookup is not None and args.prompt_lookup < 1):
             raise LmzooError("--draft-k and --prompt-lookup must be at least 1")
         if args.repetition_penalty not in (None, 1.0):

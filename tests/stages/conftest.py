@@ -56,3 +56,4 @@ def sft_sorting(pretrained_base, tmp_path_factory):
         return sft.run(cfg, pretrained_base, tmp_path_factory.mktemp("sft_sorting") / "sft")
     finally:
         torch.set_num_threads(before)
+
