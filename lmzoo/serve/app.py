@@ -166,21 +166,6 @@ def build_app(served: Served, *, api_key: str | None = None) -> FastAPI:
     return app
 
 
-def turn_ends(tok, template: str) -> list[int]:
-    """``chat.stop_ids`` (EOS and a built-in's end of turn), plus every built-in end-of-turn token the template's
-    source writes: a directory's own Jinja ChatML (Qwen's) ends turns with <|im_end|> too, but is not the
-    built-in's text, so ``stop_ids`` alone would let the model talk past the end of its turn."""
-    from lmzoo.tokenizers.chat import TEMPLATE_INFO, stop_ids
-
-    ids = stop_ids(tok, template)
-    for info in TEMPLATE_INFO.values():
-        for t in info.stop_tokens:
-            i = tok.token_to_id(t)
-            if t in template and i is not None and i not in ids:
-                ids.append(i)
-    return ids
-
-
 def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32, max_queue: int = 64,
                api_key: str | None = None, block_size: int = 16, num_blocks: int | None = None,
                max_batched_tokens: int = 512, dtype: str | None = None, device: str = "cpu",
@@ -193,6 +178,7 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
     from lmzoo.cli.generate import _eos_ids
     from lmzoo.errors import LmzooError
     from lmzoo.tokenizers import find_tokenizer
+    from lmzoo.tokenizers.chat import stop_ids
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -209,7 +195,7 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
     eng = engine_cls(model, block_size=block_size, num_blocks=num_blocks, max_batch=max_batch,
                      max_batched_tokens=max_batched_tokens, prefix_caching=True)
     eos = _eos_ids(model, tok)
-    chat_stops = list(dict.fromkeys(eos + turn_ends(tok, source)))
+    chat_stops = list(dict.fromkeys(eos + stop_ids(tok, source)))
     served = Served(name=served_name or model_dir.resolve().name, tok=tok, template=source, chat_stop_ids=chat_stops,
                     eos_ids=eos, vocab_size=model.config.vocab_size, engine=AsyncEngine(eng, max_queue=max_queue))
     return build_app(served, api_key=api_key)

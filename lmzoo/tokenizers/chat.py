@@ -207,10 +207,14 @@ def missing_tokens(tok, template: str) -> list[str]:
 
 
 def stop_ids(tok, template: str) -> list[int]:
-    """Ids that end a generated assistant turn under ``template``: the eos and the template's own."""
+    """Ids that end a generated assistant turn under ``template``: the eos and the template's own. Jinja
+    source that is no built-in (a directory's own ChatML, Qwen's) gets every built-in end-of-turn token its
+    text writes, so the model does not talk past the end of its turn."""
     stops = [tok.eos_id] if tok.eos_id is not None else []
     name = builtin_name(template)
-    for t in (TEMPLATE_INFO[name].stop_tokens if name else ()):
+    ends = TEMPLATE_INFO[name].stop_tokens if name else \
+        [t for info in TEMPLATE_INFO.values() for t in info.stop_tokens if t in template]
+    for t in ends:
         i = tok.token_to_id(t)
         if i is not None and i not in stops:
             stops.append(i)

@@ -257,6 +257,9 @@ def test_choose_template_missing_tokens_and_stops(all_templates_tok):
     assert stop_ids(tok, "llama2") == [tok.eos_id]
     assert stop_ids(tok, BUILTIN_TEMPLATES["chatml"]) == [tok.eos_id, tok.token_to_id("<|im_end|>")]  # by source
     assert stop_ids(tok, "{{ messages }}") == [tok.eos_id] and missing_tokens(plain, "{{ messages }}") == []
+    # a directory's own ChatML (Qwen's is not the built-in's text) still ends its turns at <|im_end|>
+    own_chatml = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    assert stop_ids(tok, own_chatml) == [tok.eos_id, tok.token_to_id("<|im_end|>")]
 
 
 def test_a_vocabulary_made_for_one_template_names_it(tmp_path):
