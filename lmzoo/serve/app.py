@@ -183,13 +183,18 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LmzooError(f"--model '{model_dir}' is not a directory: lmzoo serve serves a checkpoint directory")
-    require_decoder(str(model_dir), "lmzoo serve")
+    fam = require_decoder(str(model_dir), "lmzoo serve")
     if find_tokenizer(str(model_dir)) is None:
         raise LmzooError(f"'{model_dir}' has no tokenizer (tokenizer.json, tokenizer.model, vocab.json + merges.txt, "
                          "vocab.txt or *.tiktoken); the server needs one to read prompts and write text")
     tok = lmzoo.load_tokenizer(str(model_dir))
     source, _ = template_for(template, tok, str(model_dir))
     model = resolve_model(str(model_dir), dtype, device=device, skip_memory_check=skip_memory_check)
+    if engine_cls is None and fam.shape != "causal decoder":  # its cache keeps per-row state the pool cannot
+        from lmzoo.generate.sequential import SequentialEngine as engine_cls
+
+        print(f"lmzoo serve: {fam.name} is a {fam.shape}; the paged engine serves causal decoders, so requests "
+              "run one at a time (lmzoo/generate/sequential.py)", file=sys.stderr)
     if engine_cls is None:
         from lmzoo.generate.continuous import Engine as engine_cls
     eng = engine_cls(model, block_size=block_size, num_blocks=num_blocks, max_batch=max_batch,
