@@ -39,7 +39,7 @@ from torch import nn
 
 from lmzoo.errors import LmzooError
 from lmzoo.generate.paged import BatchView, BlockPool
-from lmzoo.generate.requests import RequestOutput, SamplingParams
+from lmzoo.generate.requests import RequestOutput, SamplingParams, checked_prompt, model_eos
 from lmzoo.generate.sampling import LogitsProcessor, choose, process_logits
 
 KV_BUDGET_BYTES = 2 << 30  # the default pool is at most this large (max_batch full contexts if smaller)
@@ -90,8 +90,7 @@ class Engine:
             num_blocks = max(1, min(want, KV_BUDGET_BYTES // max(1, per_block)))
         self.pool = BlockPool(model, num_blocks, block_size)
         self.max_batch, self.max_batched_tokens, self.prefix_caching = max_batch, max_batched_tokens, prefix_caching
-        eos = getattr(model.config, "eos_token_id", None)
-        self.eos = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.eos = model_eos(model)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -105,19 +104,11 @@ class Engine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise LmzooError("the prompt is empty; give at least one token")
-        if len(prompt) + params.max_tokens > self.context_length:
-            raise LmzooError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the model's "
-                             f"context of {self.context_length} tokens")
+        prompt = checked_prompt(prompt_ids, params, self.context_length, self.model.config.vocab_size)
         room = self.pool.num_blocks * self.pool.block_size
         if len(prompt) + params.max_tokens > room:  # it could never hold its blocks, even alone
             raise LmzooError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the paged "
                              f"cache's {room} token slots ({self.pool.num_blocks} blocks of {self.pool.block_size})")
-        vocab = self.model.config.vocab_size
-        if max(prompt) >= vocab or min(prompt) < 0:
-            raise LmzooError(f"the prompt holds token ids outside the vocabulary of {vocab}")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise LmzooError(f"request id {rid!r} is already in the engine")

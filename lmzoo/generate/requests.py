@@ -68,3 +68,23 @@ class RequestOutput:
     @property
     def completion_tokens(self) -> int:
         return len(self.token_ids)
+
+
+def checked_prompt(prompt_ids, params: SamplingParams, context_length: int, vocab_size: int) -> list[int]:
+    """The prompt as a list of ints, or one ``LmzooError`` line: empty, too long for the context with its
+    ``max_tokens``, or holding ids outside the vocabulary (what every engine refuses before queueing)."""
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+        raise LmzooError("the prompt is empty; give at least one token")
+    if len(prompt) + params.max_tokens > context_length:
+        raise LmzooError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the model's "
+                         f"context of {context_length} tokens")
+    if max(prompt) >= vocab_size or min(prompt) < 0:
+        raise LmzooError(f"the prompt holds token ids outside the vocabulary of {vocab_size}")
+    return prompt
+
+
+def model_eos(model) -> frozenset[int]:
+    """The ids the model's config names as end of sequence (none, one, or a list)."""
+    eos = getattr(model.config, "eos_token_id", None)
+    return frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lmzoo.errors import LmzooError
-from lmzoo.generate.requests import RequestOutput, SamplingParams
+from lmzoo.generate.requests import RequestOutput, SamplingParams, checked_prompt, model_eos
 
 
 @dataclass(eq=False)
@@ -40,8 +40,7 @@ class SequentialEngine:
             raise LmzooError(f"{type(model).__name__} is not a decoder; it has no next-token head or cache")
         self.model = model.eval()
         self.context_length = int(getattr(model.config, "max_positions", None) or 4096)
-        eos = getattr(model.config, "eos_token_id", None)
-        self.eos = frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        self.eos = model_eos(model)
         self.waiting: deque[_Request] = deque()
         self.current: _Request | None = None
         self._finished: list[_Request] = []
@@ -51,14 +50,7 @@ class SequentialEngine:
     def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
-        prompt = [int(t) for t in prompt_ids]
-        if not prompt:
-            raise LmzooError("the prompt is empty; give at least one token")
-        if len(prompt) + params.max_tokens > self.context_length:
-            raise LmzooError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the model's "
-                             f"context of {self.context_length} tokens")
-        if max(prompt) >= self.model.config.vocab_size or min(prompt) < 0:
-            raise LmzooError(f"the prompt holds token ids outside the vocabulary of {self.model.config.vocab_size}")
+        prompt = checked_prompt(prompt_ids, params, self.context_length, self.model.config.vocab_size)
         if params.logprobs:
             raise LmzooError("log-probs are not served for this model (it runs on the one-at-a-time engine)")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
