@@ -39,8 +39,8 @@ from torch import nn
 
 from lmzoo.errors import LmzooError
 from lmzoo.generate.paged import BatchView, BlockPool
-from lmzoo.generate.requests import RequestOutput, SamplingParams, checked_prompt, model_eos
-from lmzoo.generate.sampling import LogitsProcessor, choose, process_logits
+from lmzoo.generate.requests import RequestOutput, SamplingParams, checked_prompt, is_sharded, model_eos
+from lmzoo.generate.sampling import LogitsProcessor, process_logits
 
 KV_BUDGET_BYTES = 2 << 30  # the default pool is at most this large (max_batch full contexts if smaller)
 
@@ -60,6 +60,7 @@ class Sequence:
     finish_reason: str | None = None
     new: list[int] = field(default_factory=list)  # tokens added this step, reported by step()
     new_logprobs: list[float] = field(default_factory=list)
+    new_logits: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def tokens(self) -> list[int]:
@@ -73,17 +74,25 @@ class Sequence:
 
 class Engine:
     """Continuous batching over ``model`` (a causal decoder in eval mode). ``num_blocks`` None: enough
-    blocks for ``max_batch`` sequences of the full context, at most ``KV_BUDGET_BYTES``."""
+    blocks for ``max_batch`` sequences of the full context, at most ``KV_BUDGET_BYTES``. ``context_length``
+    None: the model's ``max_positions`` (4096 when it names none). ``keep_logits``: every output token also
+    comes with the raw (V,) float32 logits it was chosen from (``RequestOutput.new_logits``; RL rollouts
+    record their log-probabilities from them)."""
 
     def __init__(self, model: nn.Module, *, block_size: int = 16, num_blocks: int | None = None, max_batch: int = 32,
-                 max_batched_tokens: int = 512, prefix_caching: bool = True):
+                 max_batched_tokens: int = 512, prefix_caching: bool = True, context_length: int | None = None,
+                 keep_logits: bool = False):
         if getattr(model, "is_encoder_decoder", False) or not hasattr(model, "new_cache"):
             raise LmzooError(f"the continuous-batching engine runs causal decoders; {type(model).__name__} is not one "
                              "(lmzoo.generate runs encoder-decoders)")
         if max_batch < 1 or max_batched_tokens < 1:
             raise LmzooError(f"max_batch and max_batched_tokens must be >= 1, got {max_batch}, {max_batched_tokens}")
-        self.model = model.eval()
-        self.context_length = int(getattr(model.config, "max_positions", None) or 4096)
+        model.eval()  # (a view of a sharded root returns its inner module from eval(): keep the view)
+        self.model = model
+        self.context_length = int(context_length or getattr(model.config, "max_positions", None) or 4096)
+        self.keep_logits = keep_logits
+        # a sharded model decodes under no_grad: its gathered-parameter buffers are reused by training
+        self._mode = torch.no_grad if is_sharded(model) else torch.inference_mode
         if num_blocks is None:
             per_block = BlockPool(model, 1, block_size).bytes_per_block
             want = max_batch * -(-self.context_length // block_size)
@@ -149,9 +158,12 @@ class Engine:
         return [done[r] for r in rids]
 
     # -- one step ---------------------------------------------------------------------------------
-    @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
         """One prefill or decode forward; what each touched request gained."""
+        with self._mode():
+            return self._step()
+
+    def _step(self) -> list[RequestOutput]:
         batch = self._schedule_prefill() or self._schedule_decode()
         if batch:
             self._forward(batch)
@@ -163,8 +175,8 @@ class Engine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         out = RequestOutput(seq.rid, seq.new, list(seq.output), seq.finish_reason is not None, seq.finish_reason,
-                            seq.new_logprobs, len(seq.prompt), seq.cached)
-        seq.new, seq.new_logprobs = [], []
+                            seq.new_logprobs, len(seq.prompt), seq.cached, seq.new_logits)
+        seq.new, seq.new_logprobs, seq.new_logits = [], [], []
         if out.finished:
             self.seqs.pop(seq.rid, None)
         return out
@@ -279,29 +291,51 @@ class Engine:
         mask = view.attention_mask()
         logits = self.model(ids, attention_mask=None if bool(mask.all()) else mask, cache=view,
                             logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        ready = []  # (row, sequence) that reached the end of their tokens: each samples its next one
         for i, (s, n) in enumerate(batch):
             s.computed += n
             self._register_full_blocks(s)
             if s.remaining == 0:
-                self._sample(s, logits[i:i + 1])
+                ready.append((i, s))
+        groups: dict[tuple, list[tuple[int, Sequence]]] = {}  # rows with the same settings sample together
+        for i, s in ready:
+            p = s.params
+            groups.setdefault((p.temperature, p.top_k, p.top_p, p.repetition_penalty), []).append((i, s))
+        for members in groups.values():
+            self._sample([s for _, s in members], logits[[i for i, _ in members]])
 
-    def _sample(self, seq: Sequence, raw: torch.Tensor) -> None:
-        p = seq.params
+    def _sample(self, seqs: list[Sequence], raw: torch.Tensor) -> None:
+        """The next token of each of ``seqs`` (one sampling setting) from its raw (len(seqs), V) logits: the
+        settings applied to the rows together, then each row drawn with its own generator (inverse CDF of
+        one uniform), so a seeded request's tokens depend on nothing else in the batch."""
+        p = seqs[0].params
         proc = LogitsProcessor(do_sample=not p.greedy, temperature=p.temperature or 1.0,
                                top_k=p.top_k or None, top_p=p.top_p if p.top_p < 1 else None,
                                repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1 else None)
-        seen = torch.tensor([seq.tokens], device=raw.device)
-        logits = process_logits(raw, seen, proc)  # (1, V)
-        tok = int(choose(logits, proc, seq.generator))
-        seq.output.append(tok)
-        seq.new.append(tok)
-        if p.logprobs:
-            seq.new_logprobs.append(float(torch.log_softmax(logits, -1)[0, tok]))
-        self.counters["generated_tokens"] += 1
-        if tok in seq.stops:
-            self._finish(seq, "stop")
-        elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.context_length:
-            self._finish(seq, "length")
+        seen = None
+        if proc.repetition_penalty is not None:  # every row's tokens, padded with its own first (gather/scatter
+            width = max(len(s.tokens) for s in seqs)  # see a repeated id as the same one)
+            seen = torch.tensor([s.tokens + [s.tokens[0]] * (width - len(s.tokens)) for s in seqs], device=raw.device)
+        logits = process_logits(raw, seen, proc)  # (R, V)
+        if proc.do_sample:
+            cum = logits.softmax(-1).cumsum(-1)
+            u = torch.cat([torch.rand(1, generator=s.generator, device=raw.device) for s in seqs])
+            toks = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(1).clamp_(max=cum.shape[1] - 1)
+        else:
+            toks = logits.argmax(-1)
+        lps = torch.log_softmax(logits, -1).gather(1, toks[:, None])[:, 0].tolist() if p.logprobs else None
+        for k, (seq, tok) in enumerate(zip(seqs, toks.tolist())):
+            seq.output.append(tok)
+            seq.new.append(tok)
+            if lps is not None:
+                seq.new_logprobs.append(lps[k])
+            if self.keep_logits:
+                seq.new_logits.append(raw[k])
+            self.counters["generated_tokens"] += 1
+            if tok in seq.stops:
+                self._finish(seq, "stop")
+            elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.context_length:
+                self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

@@ -1,8 +1,14 @@
-"""The decode loop: prefill the prompt into a KV cache, then one token per step.
+"""The decode loop behind ``generate`` and ``stream``: every causal decoder runs on the serving engine.
 
-The engine owns the cache (``model.new_cache``) and the growing attention mask; left-padded
-batches work because the model derives positions from the mask. Finished rows (EOS seen) keep
-emitting the pad token, as transformers does, so the output stays one rectangular tensor.
+A causal decoder's batch goes through ``continuous.Engine`` (the paged KV cache and scheduler that
+``lmzoo serve`` and the RL rollouts use too): the left pads are dropped, each row becomes a request,
+and the engine is sized so that every row is prefilled in the first step and decoded one token per step
+after it (all rows admitted at once, enough blocks that nothing is preempted, no prefix sharing). A row
+leaves the batch when it stops; ``stream`` keeps yielding the pad token for it, as transformers does, so
+the output stays one rectangular tensor. Sampled rows draw from their own generators, seeded from
+``generator`` (or torch's global generator) in row order, so the same generator state gives the same
+tokens. The models the pool cannot hold keep their own loops: the prefix decoder (ChatGLM-6B, per-row
+cache state) the static cache loop below, encoder-decoders ``seq2seq.py``.
 
 ``stream(..., with_logits=True)`` also yields each step's (B, V) float32 logits as the model gave them
 (before the penalty, temperature, top-k and top-p): the one seam through which RL rollouts
@@ -19,6 +25,8 @@ from torch import nn
 from lmzoo.errors import LmzooError
 from lmzoo.generate.sampling import LogitsProcessor, choose, process_logits
 from lmzoo.generate.beam import beam_search
+from lmzoo.generate.paged import pageable
+from lmzoo.generate.requests import SamplingParams, is_sharded
 from lmzoo.generate.seq2seq import decoder_start, stream_seq2seq
 
 
@@ -47,14 +55,6 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
                              pad_token_id=pad_token_id, generator=generator,
                              decoder_start_token_id=decoder_start_token_id, with_logits=with_logits,
                              all_done=all_done)
-
-
-def is_sharded(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return False
-    return isinstance(model, FSDPModule) or getattr(model, "sharded", False) is True  # or a view of one
 
 
 def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k, top_p,
@@ -89,6 +89,11 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).long()
     eos = torch.tensor(_eos_set(eos_token_id), device=device, dtype=torch.long)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    if pageable(model):
+        yield from _stream_paged(model, input_ids, mask, max_new_tokens=max_new_tokens, proc=proc, eos=eos.tolist(),
+                                 pad=pad, generator=generator, with_logits=with_logits, all_done=all_done,
+                                 context=limit or T + max_new_tokens)
+        return
     cache = model.new_cache(B, T + max_new_tokens)
     seen = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -108,6 +113,59 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
         finished = bool(done.all())
         if all_done(finished) if all_done is not None else finished:
             return
+
+
+def _stream_paged(model, input_ids, mask, *, max_new_tokens, proc, eos, pad, generator, with_logits, all_done,
+                  context) -> Iterator:
+    """``_stream`` on the continuous-batching engine (see the module docstring)."""
+    from lmzoo.generate.continuous import Engine
+
+    if max_new_tokens == 0:
+        return
+    B, device = input_ids.shape[0], input_ids.device
+    rows = [ids[m.bool()].tolist() for ids, m in zip(input_ids, mask)]  # each row without its pads
+    if not all(rows):
+        raise LmzooError("generate: a row of the batch is all padding (its attention mask has no 1)")
+    seeds = [None] * B
+    if proc.do_sample:  # one seed per row from the caller's generator, so its state decides every token
+        seeds = torch.randint(0, 2 ** 62, (B,), generator=generator,
+                              device=generator.device if generator is not None else "cpu").tolist()
+    block = 16
+    was_training = model.training
+    eng = Engine(model, block_size=block, num_blocks=sum(-(-(len(r) + max_new_tokens) // block) for r in rows),
+                 max_batch=B, max_batched_tokens=sum(map(len, rows)), prefix_caching=False, context_length=context,
+                 keep_logits=with_logits)
+    try:
+        rids = {eng.add_request(r, SamplingParams(
+            max_tokens=max_new_tokens, temperature=proc.temperature if proc.do_sample else 0.0,
+            top_p=proc.top_p or 1.0, top_k=proc.top_k or 0, repetition_penalty=proc.repetition_penalty or 1.0,
+            seed=seed, stop_token_ids=tuple(eos), ignore_eos=True)): i for i, (r, seed) in enumerate(zip(rows, seeds))}
+        vocab, live = None, set(rids)
+        while True:
+            if eng.has_unfinished():
+                outs = eng.step()  # one forward: the prefill of every row, then one decode step each
+                if {o.request_id for o in outs} != live:  # the engine was sized so that this never happens
+                    raise LmzooError("generate: the engine left a row without its next token")
+                live -= {o.request_id for o in outs if o.finished}
+            else:  # this rank is done but others are not: the same forward calls keep FSDP's collectives paired
+                outs = []
+                with torch.no_grad():
+                    model(torch.full((1, 1), pad, dtype=torch.long, device=device), logits_to_keep=1)
+            nxt = torch.full((B,), pad, dtype=torch.long, device=device)
+            raw = None
+            for o in outs:
+                nxt[rids[o.request_id]] = o.new_token_ids[0]
+            if with_logits:
+                vocab = vocab or (outs[0].new_logits[0].shape[-1] if outs else model.config.vocab_size)
+                raw = torch.zeros(B, vocab, device=device)
+                for o in outs:
+                    raw[rids[o.request_id]] = o.new_logits[0]
+            yield (nxt, raw) if with_logits else nxt
+            finished = not eng.has_unfinished()
+            if all_done(finished) if all_done is not None else finished:
+                return
+    finally:
+        model.train(was_training)
 
 
 def generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,

@@ -30,6 +30,11 @@ from lmzoo.errors import LmzooError
 from lmzoo.nn.kv_cache import KVCache, LatentCache
 
 
+def pageable(model) -> bool:
+    """True when the model's cache is one the pool can hold (K/V or MLA latents per layer, nothing per row)."""
+    return hasattr(model, "new_cache") and type(model.new_cache(1, 1)) in (KVCache, LatentCache)
+
+
 class BlockPool:
     """K/V slots for ``num_blocks`` blocks of ``block_size`` tokens, every layer; one extra zero slot at the
     end pads gathers. Blocks are handed out, shared and freed by reference count."""

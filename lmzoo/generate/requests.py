@@ -64,6 +64,7 @@ class RequestOutput:
     new_logprobs: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens read from the prefix cache instead of computed
+    new_logits: list = field(default_factory=list)  # with Engine(keep_logits=True): each new token's raw (V,) logits
 
     @property
     def completion_tokens(self) -> int:
@@ -88,3 +89,14 @@ def model_eos(model) -> frozenset[int]:
     """The ids the model's config names as end of sequence (none, one, or a list)."""
     eos = getattr(model.config, "eos_token_id", None)
     return frozenset(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+
+
+def is_sharded(model) -> bool:
+    """True for a model FSDP2 sharded (or a view of one): its forwards all-gather parameters, so every rank
+    must make the same calls, and its decode runs under ``no_grad`` (tensors made in inference mode could not
+    be reused by training)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return isinstance(model, FSDPModule) or getattr(model, "sharded", False) is True

@@ -4,8 +4,9 @@
 
 ``rollout`` repeats each prompt ``n`` times (prompt i's samples are rows i·n .. i·n + n - 1, the groups
 GRPO normalises over), left-pads the prompts and decodes them in one batch through
-``lmzoo.generate.stream`` (KV cache, EOS per row), asking the engine for each step's logits
-(``with_logits``) so the log-probability of every sampled token is recorded as it is drawn.
+``lmzoo.generate.stream`` (the serving engine: paged KV cache, a row leaves when it draws an EOS), asking
+it for each step's logits (``with_logits``) so the log-probability of every sampled token is recorded as it
+is drawn.
 
 **Which log-probability.** The recorded value is that of the *temperature-scaled* distribution,
 

@@ -54,6 +54,50 @@ def test_seeded_sampling_is_reproducible_and_differs_from_greedy(model):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_generate_runs_on_the_serving_engine(model, monkeypatch):
+    """``generate`` is the continuous-batching engine under its batch API: one engine step per new token
+    (the first prefills every row), rows that stop leave the engine while the stream pads them, and the
+    result equals each row generated alone."""
+    from lmzoo.generate import continuous
+
+    steps = []
+    real = continuous.Engine.step
+    monkeypatch.setattr(continuous.Engine, "step", lambda self: steps.append(len(self.running) + len(self.waiting))
+                        or real(self))
+    ids = torch.tensor([[0, 0, 7, 8, 9], [1, 2, 3, 4, 5]])  # row 0 left-padded
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    full = lmzoo.generate(model, ids, mask, max_new_tokens=8)
+    assert steps == [2] * 8
+    for i, n in ((0, 3), (1, 5)):
+        alone = lmzoo.generate(model, ids[i:i + 1, 5 - n:], max_new_tokens=8)
+        assert full[i, 5:].tolist() == alone[0, n:].tolist()
+    eos = int(full[1, 6])  # row 1 stops at its second new token
+    steps.clear()
+    out = lmzoo.generate(model, ids, mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=49)
+    stop = out[1, 5:].tolist().index(eos)
+    assert out[1, 5 + stop + 1:].tolist() == [49] * (8 - stop - 1)
+    ends = [row.index(eos) if eos in row else 7 for row in out[:, 5:].tolist()]  # each row's last step
+    assert steps == [sum(k <= e for e in ends) for k in range(max(ends) + 1)]  # a row leaves after its EOS
+
+
+def test_a_sampled_row_is_the_same_alone_or_with_rows_after_it(model):
+    """Row i draws with a generator seeded by the i-th draw from ``generator``: the first row's tokens do
+    not depend on what else is in the batch, and the model is given back in the mode it came in."""
+    ids = torch.randint(0, 50, (3, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.3)
+    batch = lmzoo.generate(model, ids, generator=torch.Generator().manual_seed(5), **kw)
+    alone = lmzoo.generate(model, ids[:1], generator=torch.Generator().manual_seed(5), **kw)
+    assert torch.equal(batch[:1], alone) and not torch.equal(batch[0], batch[1])
+    model.train()
+    try:
+        lmzoo.generate(model, ids, max_new_tokens=2)
+        assert model.training
+    finally:
+        model.eval()
+    with pytest.raises(LmzooError, match="all padding"):
+        lmzoo.generate(model, ids[:2], torch.tensor([[0] * 6, [1] * 6]), max_new_tokens=2)
+
+
 def test_bad_inputs(model):
     with pytest.raises(LmzooError, match="empty"):
         lmzoo.generate(model, torch.zeros(1, 0, dtype=torch.long))

@@ -79,7 +79,8 @@ def test_a_random_policy_learns_to_say_what_the_reward_counts(base, prompts_file
     reward = [r["reward/mean"] for r in rec]
     assert len(rec) == 12 and reward[0] < 1.0 and sum(reward[-3:]) / 3 > 3.5, reward  # at most 6
     assert rec[0]["kl"] < 1e-5 and rec[-1]["kl"] > 0.1, [r["kl"] for r in rec]
-    assert all(0 <= r["clip_fraction"] <= 1 and r["response_length"] == 6 for r in rec)
+    # 6 new tokens unless a stop token was drawn (a random policy draws one now and then)
+    assert all(0 <= r["clip_fraction"] <= 1 and 1 <= r["response_length"] <= 6 for r in rec), rec
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [0, 0, 12, 12]
     assert samples[-1]["reward"] == samples[-1]["response"].count("7") and samples[-1]["reward"] >= 3
@@ -96,7 +97,8 @@ def test_builtin_grpo_makes_the_sft_model_answer_better(sft_sorting, tmp_path):
     tasks = SORTING
     cfg = yaml.safe_load(SHIPPED.read_text())
     cfg["data"].update(batch_size=64, builtin=tasks)
-    cfg["rollout"].update(group_size=8, max_new_tokens=12, temperature=0.7)
+    # μ = 2 passes × 2 minibatches per rollout: 50 rollouts of 64 for 200 steps (3 seeds: +6, +6, +9 points)
+    cfg["rollout"].update(group_size=8, max_new_tokens=12, temperature=0.7, epochs=2, minibatches=2)
     cfg["eval"].update(n=100, max_new_tokens=12, samples=0)
     cfg["train"].update(steps=GRPO_STEPS, lr=1e-4, log_every=1, eval_every=0, progress=False, plot=False)
     res = grpo.run_grpo(cfg, start, tmp_path / "grpo")
@@ -108,7 +110,7 @@ def test_builtin_grpo_makes_the_sft_model_answer_better(sft_sorting, tmp_path):
           f"{sum(reward[:n]) / n:.2f} -> {sum(reward[-n:]) / n:.2f} (first / last quarter)", file=sys.__stderr__)
 
 
-GRPO_STEPS = 100
+GRPO_STEPS = 200
 
 def test_bad_input_is_one_clear_error(base, prompts_file, tmp_path, capsys):
     long = tmp_path / "long.jsonl"
