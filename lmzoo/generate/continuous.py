@@ -22,9 +22,11 @@ recompute preemption); its output continues where it stopped.
 
 Each request samples with its own ``SamplingParams`` and its own generator (seeded by ``seed``), so a
 seeded request draws the same tokens alone or in any batch, and greedy requests equal
-``lmzoo.generate`` run on each alone (tests/generate/test_continuous.py). Causal decoders only (every
-causal family: the K/V the pool stores is read off the model's own cache); a prefix decoder or an
-encoder-decoder keeps per-row cache state and is refused with one line (``lmzoo.generate`` serves them).
+``lmzoo.generate`` run on each alone (tests/generate/test_continuous.py). Every causal family (the K/V the
+pool stores is read off the model's own cache: MLA's latents too) and T5 (the encoder-decoder: its
+source is encoded once, at admission, and each layer's cross-attention K/V go into blocks of the same
+pool, gathered at every step with the encoder's padding mask); the prefix decoder (ChatGLM-6B) keeps
+per-row cache state and is refused with one line (``lmzoo.generate`` runs it on its own loop).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from torch import nn
 
 from lmzoo.errors import LmzooError
-from lmzoo.generate.paged import BatchView, BlockPool
+from lmzoo.generate.paged import BatchView, BlockPool, EncoderDecoderView, write_cross
 from lmzoo.generate.requests import RequestOutput, SamplingParams, checked_prompt, is_sharded, model_eos
 from lmzoo.generate.sampling import LogitsProcessor, process_logits
 
@@ -61,6 +63,9 @@ class Sequence:
     new: list[int] = field(default_factory=list)  # tokens added this step, reported by step()
     new_logprobs: list[float] = field(default_factory=list)
     new_logits: list[torch.Tensor] = field(default_factory=list)
+    source: list[int] | None = None  # an encoder-decoder's input (``prompt`` is then its decoder start token)
+    cross_blocks: list[int] = field(default_factory=list)  # the blocks holding the source's cross K/V
+    encoded: bool = False  # those blocks are filled
 
     @property
     def tokens(self) -> list[int]:
@@ -77,14 +82,20 @@ class Engine:
     blocks for ``max_batch`` sequences of the full context, at most ``KV_BUDGET_BYTES``. ``context_length``
     None: the model's ``max_positions`` (4096 when it names none). ``keep_logits``: every output token also
     comes with the raw (V,) float32 logits it was chosen from (``RequestOutput.new_logits``; RL rollouts
-    record their log-probabilities from them)."""
+    record their log-probabilities from them). An encoder-decoder (T5) takes the encoder's input as the
+    prompt: its cross-attention K/V are computed once, at admission, into blocks of the same pool, and
+    the decoder starts from ``decoder_start_token_id`` (None: the model's)."""
 
     def __init__(self, model: nn.Module, *, block_size: int = 16, num_blocks: int | None = None, max_batch: int = 32,
                  max_batched_tokens: int = 512, prefix_caching: bool = True, context_length: int | None = None,
-                 keep_logits: bool = False):
-        if getattr(model, "is_encoder_decoder", False) or not hasattr(model, "new_cache"):
-            raise LmzooError(f"the continuous-batching engine runs causal decoders; {type(model).__name__} is not one "
-                             "(lmzoo.generate runs encoder-decoders)")
+                 keep_logits: bool = False, decoder_start_token_id: int | None = None):
+        if not hasattr(model, "new_cache"):
+            raise LmzooError(f"the continuous-batching engine runs decoders; {type(model).__name__} has no next-token "
+                             "head or cache")
+        self.enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+        self.start = decoder_start_token_id if decoder_start_token_id is not None else getattr(
+            model, "decoder_start_token_id", 0)
+        prefix_caching = prefix_caching and not self.enc_dec  # a decoder prefix means nothing without its source
         if max_batch < 1 or max_batched_tokens < 1:
             raise LmzooError(f"max_batch and max_batched_tokens must be >= 1, got {max_batch}, {max_batched_tokens}")
         model.eval()  # (a view of a sharded root returns its inner module from eval(): keep the view)
@@ -114,8 +125,14 @@ class Engine:
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
         prompt = checked_prompt(prompt_ids, params, self.context_length, self.model.config.vocab_size)
-        room = self.pool.num_blocks * self.pool.block_size
-        if len(prompt) + params.max_tokens > room:  # it could never hold its blocks, even alone
+        bs, room = self.pool.block_size, self.pool.num_blocks * self.pool.block_size
+        if self.enc_dec:  # the source's cross K/V take whole blocks of their own, then the decoder's tokens
+            need = -(-len(prompt) // bs) + -(-(1 + params.max_tokens) // bs)
+            if need > self.pool.num_blocks:
+                raise LmzooError(f"a source of {len(prompt)} tokens (its cross-attention K/V) + 1 + max_tokens "
+                                 f"{params.max_tokens} decoder tokens need {need} blocks of {bs}; the paged cache "
+                                 f"has {self.pool.num_blocks}")
+        elif len(prompt) + params.max_tokens > room:  # it could never hold its blocks, even alone
             raise LmzooError(f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} exceeds the paged "
                              f"cache's {room} token slots ({self.pool.num_blocks} blocks of {self.pool.block_size})")
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -126,6 +143,8 @@ class Engine:
         gen = torch.Generator(device=device).manual_seed(seed)
         stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos)
         seq = Sequence(rid, prompt, params, stops, gen)
+        if self.enc_dec:
+            seq.source, seq.prompt = prompt, [self.start]
         self.seqs[rid] = seq
         self.waiting.append(seq)
         return rid
@@ -175,7 +194,7 @@ class Engine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         out = RequestOutput(seq.rid, seq.new, list(seq.output), seq.finish_reason is not None, seq.finish_reason,
-                            seq.new_logprobs, len(seq.prompt), seq.cached, seq.new_logits)
+                            seq.new_logprobs, len(seq.source or seq.prompt), seq.cached, seq.new_logits)
         seq.new, seq.new_logprobs, seq.new_logits = [], [], []
         if out.finished:
             self.seqs.pop(seq.rid, None)
@@ -192,6 +211,8 @@ class Engine:
             fresh = seq in self.waiting
             if fresh and len(self.running) >= self.max_batch:  # admitted ones are already running
                 break
+            if self.enc_dec and batch and (seq.computed or longest_past):
+                break  # T5's relative position bias reads columns: a chunk that continues a past goes alone
             if fresh:
                 self._reuse_prefix(seq)
             n = min(seq.remaining, budget)
@@ -201,11 +222,14 @@ class Engine:
                     self._unreuse(seq)
                 break
             need = -(-(seq.computed + n) // self.pool.block_size) - len(seq.blocks)
-            if not self.pool.can_allocate(need):
+            cross = -(-len(seq.source) // self.pool.block_size) if seq.source is not None and not seq.encoded else 0
+            if not self.pool.can_allocate(need + cross):
                 if fresh:
                     self._unreuse(seq)
                 break
             seq.blocks += [self.pool.allocate() for _ in range(need)]
+            seq.cross_blocks += [self.pool.allocate() for _ in range(cross)]
+            budget -= len(seq.source) if cross else 0  # the encoder's work counts against the token budget
             if fresh:
                 self.waiting.remove(seq)
                 self.running.append(seq)
@@ -238,8 +262,8 @@ class Engine:
     def _preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and send it back to wait; it is recomputed from its tokens later."""
         self.running.remove(seq)
-        self.pool.release(seq.blocks)
-        seq.blocks, seq.computed, seq.keys = [], 0, []
+        self.pool.release(seq.blocks + seq.cross_blocks)
+        seq.blocks, seq.computed, seq.keys, seq.cross_blocks, seq.encoded = [], 0, [], [], False
         self.waiting.appendleft(seq)
         self.counters["preemptions"] += 1
 
@@ -289,8 +313,18 @@ class Engine:
         for i, (s, n) in enumerate(batch):
             ids[i, T - n:] = torch.tensor(s.tokens[s.computed:s.computed + n], device=device)
         mask = view.attention_mask()
-        logits = self.model(ids, attention_mask=None if bool(mask.all()) else mask, cache=view,
-                            logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        if self.enc_dec:
+            fresh = [s for s, _ in batch if not s.encoded]
+            if fresh:
+                write_cross(self.pool, self.model, [s.source for s in fresh], [s.cross_blocks for s in fresh])
+                for s in fresh:
+                    s.encoded = True
+            cache = EncoderDecoderView(view, [(s.cross_blocks, len(s.source)) for s, _ in batch])
+            logits = self.model(decoder_input_ids=ids, decoder_attention_mask=None if bool(mask.all()) else mask,
+                                cache=cache, logits_to_keep=1).logits[:, -1].float()  # (B, V)
+        else:
+            logits = self.model(ids, attention_mask=None if bool(mask.all()) else mask, cache=view,
+                                logits_to_keep=1).logits[:, -1].float()  # (B, V)
         ready = []  # (row, sequence) that reached the end of their tokens: each samples its next one
         for i, (s, n) in enumerate(batch):
             s.computed += n
@@ -343,5 +377,5 @@ class Engine:
             self.running.remove(seq)
         if seq in self.waiting:
             self.waiting.remove(seq)
-        self.pool.release(seq.blocks)
-        seq.blocks = []
+        self.pool.release(seq.blocks + seq.cross_blocks)
+        seq.blocks, seq.cross_blocks = [], []

@@ -60,10 +60,11 @@ def stream(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tens
 def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temperature, top_k, top_p,
             repetition_penalty, eos_token_id, pad_token_id, generator, decoder_start_token_id, with_logits,
             all_done) -> Iterator:
-    if getattr(model, "is_encoder_decoder", False):  # the prompt goes to the encoder: see seq2seq.py
-        if with_logits or all_done is not None:
-            raise LmzooError("generate: with_logits and all_done are for decoder-only models; an encoder-decoder "
-                             "streams ids only")
+    enc_dec = bool(getattr(model, "is_encoder_decoder", False))  # the prompt goes to the encoder
+    if enc_dec and (with_logits or all_done is not None):
+        raise LmzooError("generate: with_logits and all_done are for decoder-only models; an encoder-decoder "
+                         "streams ids only")
+    if enc_dec and not pageable(model):  # cross-attention K/V the pool cannot hold: seq2seq.py's own loop
         yield from stream_seq2seq(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -77,10 +78,12 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
         input_ids = input_ids[None]
     B, T = input_ids.shape
     if T == 0:
-        raise LmzooError("generate: the prompt is empty; give at least one token")
+        raise LmzooError("generate: the input is empty; give the encoder at least one token" if enc_dec else
+                         "generate: the prompt is empty; give at least one token")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    limit = getattr(model.config, "max_positions", None)  # the context the model was trained for
+    # the context the model was trained for (an encoder-decoder's relative positions have none)
+    limit = None if enc_dec else getattr(model.config, "max_positions", None)
     if limit is not None and T + max_new_tokens > limit:
         raise LmzooError(f"generate: prompt of {T} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
                          f"context of {limit} tokens")
@@ -92,7 +95,7 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
     if pageable(model):
         yield from _stream_paged(model, input_ids, mask, max_new_tokens=max_new_tokens, proc=proc, eos=eos.tolist(),
                                  pad=pad, generator=generator, with_logits=with_logits, all_done=all_done,
-                                 context=limit or T + max_new_tokens)
+                                 context=limit or T + 1 + max_new_tokens, decoder_start=decoder_start_token_id)
         return
     cache = model.new_cache(B, T + max_new_tokens)
     seen = input_ids
@@ -116,7 +119,7 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
 
 
 def _stream_paged(model, input_ids, mask, *, max_new_tokens, proc, eos, pad, generator, with_logits, all_done,
-                  context) -> Iterator:
+                  context, decoder_start=None) -> Iterator:
     """``_stream`` on the continuous-batching engine (see the module docstring)."""
     from lmzoo.generate.continuous import Engine
 
@@ -132,9 +135,13 @@ def _stream_paged(model, input_ids, mask, *, max_new_tokens, proc, eos, pad, gen
                               device=generator.device if generator is not None else "cpu").tolist()
     block = 16
     was_training = model.training
-    eng = Engine(model, block_size=block, num_blocks=sum(-(-(len(r) + max_new_tokens) // block) for r in rows),
-                 max_batch=B, max_batched_tokens=sum(map(len, rows)), prefix_caching=False, context_length=context,
-                 keep_logits=with_logits)
+    if getattr(model, "is_encoder_decoder", False):  # each source's cross K/V, then the decoder's tokens
+        blocks = sum(-(-len(r) // block) + -(-(1 + max_new_tokens) // block) for r in rows)
+    else:
+        blocks = sum(-(-(len(r) + max_new_tokens) // block) for r in rows)
+    eng = Engine(model, block_size=block, num_blocks=blocks, max_batch=B, max_batched_tokens=sum(map(len, rows)) + B,
+                 prefix_caching=False, context_length=context, keep_logits=with_logits,
+                 decoder_start_token_id=decoder_start)
     try:
         rids = {eng.add_request(r, SamplingParams(
             max_tokens=max_new_tokens, temperature=proc.temperature if proc.do_sample else 0.0,

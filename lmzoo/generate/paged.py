@@ -27,12 +27,26 @@ from collections import deque
 import torch
 
 from lmzoo.errors import LmzooError
-from lmzoo.nn.kv_cache import KVCache, LatentCache
+from lmzoo.nn.kv_cache import EncoderDecoderCache, KVCache, LatentCache
+
+
+def _self_cache(model):
+    """The per-layer cache the pool mirrors: the model's own, or an encoder-decoder's self-attention part
+    (when its cross-attention K/V have the same heads and head size, so they fit the same slots)."""
+    probe = model.new_cache(1, 1)
+    if isinstance(probe, EncoderDecoderCache):
+        k = probe.self_attn.k[0]
+        same = all(layer.cross_attn.n_kv_heads == k.shape[1] and layer.cross_attn.head_dim == k.shape[3]
+                   for layer in model.decoder_layers)
+        return probe.self_attn if same and type(probe.self_attn) is KVCache else None
+    return probe if type(probe) in (KVCache, LatentCache) else None
 
 
 def pageable(model) -> bool:
-    """True when the model's cache is one the pool can hold (K/V or MLA latents per layer, nothing per row)."""
-    return hasattr(model, "new_cache") and type(model.new_cache(1, 1)) in (KVCache, LatentCache)
+    """True when the model's cache is one the pool can hold: K/V or MLA latents per layer (every causal
+    decoder), or an encoder-decoder's self-attention K/V plus its cross-attention K/V; not a cache with
+    per-row state (the prefix decoder's)."""
+    return hasattr(model, "new_cache") and _self_cache(model) is not None
 
 
 class BlockPool:
@@ -42,10 +56,10 @@ class BlockPool:
     def __init__(self, model, num_blocks: int, block_size: int):
         if num_blocks < 1 or block_size < 1:
             raise LmzooError(f"the paged cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
-        probe = model.new_cache(1, 1)  # the layer's own cache tells the (H, D) of what it stores
-        if type(probe) not in (KVCache, LatentCache):
-            raise LmzooError(f"{type(model).__name__} keeps a {type(probe).__name__}, which holds per-row state the "
-                             "paged cache does not (a prefix decoder, an encoder-decoder); use lmzoo.generate")
+        probe = _self_cache(model)  # the layer's own cache tells the (H, D) of what it stores
+        if probe is None:
+            raise LmzooError(f"{type(model).__name__} keeps a {type(model.new_cache(1, 1)).__name__}, which holds "
+                             "per-row state the paged cache does not (the prefix decoder's)")
         slots = num_blocks * block_size + 1
         self.k = [torch.zeros(slots, t.shape[1], t.shape[3], dtype=t.dtype, device=t.device) for t in probe.k]
         self.v = [torch.zeros(slots, t.shape[1], t.shape[3], dtype=t.dtype, device=t.device) for t in probe.v]
@@ -159,3 +173,49 @@ class BatchView:
 
     def commit(self) -> None:
         """Lengths live in the engine's sequences; nothing to do here."""
+
+
+class EncoderDecoderView:
+    """An encoder-decoder's view of the pool for one forward: the decoder's self-attention through a
+    ``BatchView``, and each layer's cross-attention K/V gathered from the blocks that hold the row's
+    encoded source (``cross_tables``: (block table, source length) per row), right-padded to the longest
+    source with the zero slot and masked by ``encoder_mask``. The model reads ``cross`` /
+    ``encoder_mask`` as it reads an ``EncoderDecoderCache`` whose cross K/V were filled."""
+
+    def __init__(self, self_attn: BatchView, cross_tables: list[tuple[list[int], int]]):
+        pool = self_attn.pool
+        self.self_attn = self_attn
+        S = max(n for _, n in cross_tables)
+        idx = torch.tensor([pool.slots(t, 0, n) + [pool.pad_slot] * (S - n) for t, n in cross_tables],
+                           dtype=torch.long, device=self_attn.past.device)  # (B, S)
+        self.cross = [(pool.k[i][idx].transpose(1, 2), pool.v[i][idx].transpose(1, 2))
+                      for i in range(len(pool.k))]  # per layer (B, H, S, D)
+        mask = torch.tensor([[1] * n + [0] * (S - n) for _, n in cross_tables], device=idx.device)
+        self.encoder_mask = None if bool(mask.all()) else mask  # (B, S)
+
+    @property
+    def length(self) -> int:
+        return self.self_attn.length
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        return self.self_attn.update(layer, k, v)
+
+    def commit(self) -> None:
+        self.self_attn.commit()
+
+
+def write_cross(pool: BlockPool, model, sources: list[list[int]], tables: list[list[int]]) -> None:
+    """Encode ``sources`` (one right-padded batch) and write every layer's cross-attention K/V of each into
+    the slots of its block table: computed once per request, read at every decoding step."""
+    device = pool.k[0].device
+    S = max(map(len, sources))
+    ids = torch.tensor([x + [0] * (S - len(x)) for x in sources], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(x) + [0] * (S - len(x)) for x in sources], device=device)
+    memory = model.encode(ids, None if bool(mask.all()) else mask)  # (F, S, D)
+    rows = torch.tensor([i for i, x in enumerate(sources) for _ in x], device=device)
+    cols = torch.tensor([j for x in sources for j in range(len(x))], device=device)
+    slots = torch.tensor([s for x, t in zip(sources, tables) for s in pool.slots(t, 0, len(x))], device=device)
+    for i, layer in enumerate(model.decoder_layers):
+        k, v = layer.cross_attn.memory_kv(memory)  # (F, H, S, D)
+        pool.k[i][slots] = k[rows, :, cols].to(pool.k[i].dtype)
+        pool.v[i][slots] = v[rows, :, cols].to(pool.v[i].dtype)

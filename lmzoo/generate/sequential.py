@@ -1,8 +1,9 @@
 """The serving engine's fallback for models the paged cache cannot hold: the prefix decoder (ChatGLM-6B,
-whose cache keeps each row's prompt layout) and encoder-decoders (T5). Same interface as
-``continuous.Engine`` (add_request, abort, step, has_unfinished, stats, context_length), but requests run
-one at a time, first come first served, each through ``lmzoo.stream`` (the static-batch path, batch 1),
-one token per ``step``. Outputs are therefore exactly ``lmzoo.generate``'s; throughput is one request's.
+whose cache keeps each row's prompt layout). Same interface as ``continuous.Engine`` (add_request, abort,
+step, has_unfinished, stats, context_length), but requests run one at a time, first come first served,
+each through ``lmzoo.stream`` (batch 1), one token per ``step``. Outputs are therefore exactly
+``lmzoo.generate``'s; throughput is one request's. (It runs any decoder; ``lmzoo serve`` uses it only where
+``paged.pageable`` says no.)
 """
 
 from __future__ import annotations

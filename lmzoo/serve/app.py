@@ -190,11 +190,13 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
     tok = lmzoo.load_tokenizer(str(model_dir))
     source, _ = template_for(template, tok, str(model_dir))
     model = resolve_model(str(model_dir), dtype, device=device, skip_memory_check=skip_memory_check)
-    if engine_cls is None and fam.shape != "causal decoder":  # its cache keeps per-row state the pool cannot
+    from lmzoo.generate.paged import pageable
+
+    if engine_cls is None and not pageable(model):  # its cache keeps per-row state the pool cannot
         from lmzoo.generate.sequential import SequentialEngine as engine_cls
 
-        print(f"lmzoo serve: {fam.name} is a {fam.shape}; the paged engine serves causal decoders, so requests "
-              "run one at a time (lmzoo/generate/sequential.py)", file=sys.stderr)
+        print(f"lmzoo serve: {fam.name} is a {fam.shape} whose cache keeps per-row state the paged engine cannot "
+              "hold, so requests run one at a time (lmzoo/generate/sequential.py)", file=sys.stderr)
     if engine_cls is None:
         from lmzoo.generate.continuous import Engine as engine_cls
     eng = engine_cls(model, block_size=block_size, num_blocks=num_blocks, max_batch=max_batch,

@@ -135,6 +135,33 @@ def test_stop_tokens_max_tokens_abort_and_logprobs(tok):  # noqa: F811
         eng.add_request([], SamplingParams())
 
 
-def test_prefix_decoders_and_encoder_decoders_are_refused_with_one_line(tok):  # noqa: F811
+def test_t5_on_the_paged_engine_equals_its_static_cache_loop(tok):  # noqa: F811
+    """The encoder-decoder: each source encoded once at admission, its cross-attention K/V in blocks of the
+    same pool. Ragged sources, in any arrival order and block size, and with a pool too small for all of
+    them (preemption: cross blocks freed and the source encoded again), give the tokens of
+    ``stream_seq2seq`` (the preallocated ``EncoderDecoderCache`` loop) run on each source alone."""
+    from lmzoo.generate.seq2seq import stream_seq2seq
+
+    model = _model("t5", tok)
+    sources = _prompts(7, tok.vocab_size, seed=6, lo=2, hi=30)
+    want = [torch.stack(list(stream_seq2seq(model, torch.tensor([s]), max_new_tokens=10)), 1)[0].tolist()
+            for s in sources]
+    greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    for block_size, num_blocks, order in ((16, None, None), (4, None, "reversed"), (2, 40, "shuffled")):
+        eng = Engine(model, block_size=block_size, num_blocks=num_blocks, max_batch=4, max_batched_tokens=48)
+        idx = list(range(len(sources)))
+        if order == "reversed":
+            idx.reverse()
+        elif order == "shuffled":
+            random.Random(4).shuffle(idx)
+        got = dict(zip(idx, eng.generate([sources[i] for i in idx], greedy)))
+        assert [got[i] for i in range(len(sources))] == want, (block_size, num_blocks, order)
+        assert eng.stats()["blocks_used"] == 0
+    assert eng.counters["preemptions"] > 0  # 80 slots for sources of up to 30 tokens and 11 decoder tokens each
+    with pytest.raises(LmzooError, match="need 41 blocks of 2; the paged cache has 40"):
+        eng.add_request(list(range(70)), SamplingParams(max_tokens=10))
+
+
+def test_a_prefix_decoder_is_refused_with_one_line(tok):  # noqa: F811
     with pytest.raises(LmzooError, match="per-row state"):
         Engine(_model("chatglm", tok))

@@ -111,12 +111,22 @@ def test_t5_generation_matches_transformers(name, tmp_path):
         b = hf.generate(ids, attention_mask=mask, do_sample=False, **kw, eos_token_id=eos, num_beams=nb,
                         length_penalty=lp, early_stopping=early, num_return_sequences=2)
         assert torch.equal(a, b), f"beams={nb}\nlmzoo {a.tolist()}\nhf    {b.tolist()}"
-    # seeded sampling draws the same tokens: same processing order, same RNG calls
+    # seeded sampling (each row on the serving engine with its own generator, so not transformers' RNG
+    # calls): reproducible, and every drawn token is inside the top-k/top-p set transformers' logits allow
     sample = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, eos_token_id=eos)
     torch.manual_seed(11)
     a = lmzoo.generate(ours, ids, mask, **kw, **sample)
     torch.manual_seed(11)
-    assert torch.equal(a, hf.generate(ids, attention_mask=mask, **kw, **sample))
+    assert torch.equal(a, lmzoo.generate(ours, ids, mask, **kw, **sample))
+    from lmzoo.generate.sampling import LogitsProcessor, process_logits
+
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask, decoder_input_ids=a).logits  # (B, 1 + new, V)
+    allowed = ~torch.isinf(process_logits(ref[:, :-1].reshape(-1, ref.shape[-1]), a[:, :1].repeat_interleave(
+        a.shape[1] - 1, 0), LogitsProcessor(True, 0.7, 20, 0.9))).view(a.shape[0], a.shape[1] - 1, -1)
+    drawn = allowed.gather(2, a[:, 1:, None])[..., 0]  # (B, new): was the token allowed where it was drawn
+    live = torch.cat([torch.ones_like(a[:, :1]), ~torch.isin(a[:, 1:-1], torch.tensor(eos))], 1).cumprod(1).bool()
+    assert drawn[live].all() and not torch.equal(a, greedy), (a, drawn)
 
 
 def test_cross_kv_are_computed_once_per_input(tmp_path):
