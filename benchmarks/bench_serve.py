@@ -37,7 +37,7 @@ Reported per C: throughput (generated tokens / wall time of the whole workload),
 p50/p99 over all gaps); the ratio lmzoo / reference of each. Memory (lmzoo): at the step where the
 engine's KV blocks in use peak, their bytes against the bytes the running sequences' tokens need exactly
 (tokens held x bytes per token: the paging waste), and against a static batch of the same sequences
-(batch x (longest prompt + largest max new tokens), what ``lmzoo.generate``'s cache would hold).
+(batch x (longest prompt + largest max new tokens), what a preallocated static cache would hold).
 Agreement: every request's tokens, from every system and level, against the sequential run's.
 
     python benchmarks/bench_serve.py                 # defaults; ~4-8 minutes on 2 cores

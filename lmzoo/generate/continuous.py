@@ -357,18 +357,19 @@ class Engine:
             toks = torch.searchsorted(cum, (u * cum[:, -1])[:, None], right=True).squeeze(1).clamp_(max=cum.shape[1] - 1)
         else:
             toks = logits.argmax(-1)
-        lps = torch.log_softmax(logits, -1).gather(1, toks[:, None])[:, 0].tolist() if p.logprobs else None
+        want = any(s.params.logprobs for s in seqs)
+        lps = torch.log_softmax(logits, -1).gather(1, toks[:, None])[:, 0].tolist() if want else None
         for k, (seq, tok) in enumerate(zip(seqs, toks.tolist())):
             seq.output.append(tok)
             seq.new.append(tok)
-            if lps is not None:
+            if seq.params.logprobs:
                 seq.new_logprobs.append(lps[k])
             if self.keep_logits:
                 seq.new_logits.append(raw[k])
             self.counters["generated_tokens"] += 1
             if tok in seq.stops:
                 self._finish(seq, "stop")
-            elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.context_length:
+            elif len(seq.output) >= seq.params.max_tokens or len(seq.tokens) >= self.context_length:
                 self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:

@@ -61,6 +61,25 @@ def test_concurrent_greedy_requests_equal_each_request_alone(family, tok):  # no
         assert eng.stats()["blocks_used"] == 0 and eng.stats()["running"] == 0
 
 
+def test_requests_sampled_in_one_group_keep_their_own_limits_and_options(tok):  # noqa: F811
+    """Rows with the same sampling settings draw together; each still stops at its own max_tokens and gets
+    log-probs only if it asked (a run of the serving benchmark once caught all rows stopping at the first's)."""
+    model = _model("llama", tok)
+    prompts = _prompts(4, tok.vocab_size, seed=7)
+    limits = (3, 9, 5, 1)
+    eng = Engine(model)
+    rids = [eng.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=n == 5))
+            for p, n in zip(prompts, limits)]
+    outs, lps = {}, {r: [] for r in rids}
+    while eng.has_unfinished():
+        for o in eng.step():
+            lps[o.request_id] += o.new_logprobs
+            if o.finished:
+                outs[o.request_id] = o.token_ids
+    assert [outs[r] for r in rids] == [_alone(model, p, n) for p, n in zip(prompts, limits)]
+    assert [len(lps[r]) for r in rids] == [0, 0, 5, 0]
+
+
 def test_requests_joining_mid_decode_and_preemption_keep_the_outputs(tok):  # noqa: F811
     model = _model("llama", tok)
     prompts = _prompts(10, tok.vocab_size, seed=2, lo=5, hi=30)
