@@ -29,8 +29,10 @@ def test_grpo_and_ppo_learn_on_every_family(family, tok, prompts_file, tmp_path)
     reward = [r["reward/mean"] for r in rec]
     assert rec[0]["kl"] < 1e-5 and sum(reward[-3:]) / 3 > reward[0] + 0.5, (family, reward)  # of at most 6
     out = tmp_path / "ppo"
+    # 24 rollouts (96 steps): at 12 the greedy replies of Bloom's random start had flipped to "o"s in 1 of 3
+    # seeds tried; at 24 in both tried, and the rollouts' reward climbs (0.44 -> 5.0 at seed 2)
     assert main(["ppo", "--model", str(base), "--reward", "tests.stages.test_ppo:count_o", "--out", str(out),
-                 "--steps", "48", "--lr", "1e-3", *FLAGS]) == 0
+                 "--steps", "96", "--lr", "1e-3", *FLAGS]) == 0
     ev = [r for r in read_metrics(out / "metrics.jsonl") if r["split"] == "eval"]
     assert ev[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert ev[-1]["reward/mean"] > ev[0]["reward/mean"] + 1.0, (family, ev[0], ev[-1])
