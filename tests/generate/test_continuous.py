@@ -43,6 +43,18 @@ def _alone(model, prompt, n):
     return out[0, len(prompt):].tolist()
 
 
+def in_order(eng, prompts, params, order, seed):
+    """``eng.generate`` on the prompts submitted in ``order`` (None, "reversed" or "shuffled"); the outputs
+    put back in the prompts' order."""
+    idx = list(range(len(prompts)))
+    if order == "reversed":
+        idx.reverse()
+    elif order == "shuffled":
+        random.Random(seed).shuffle(idx)
+    got = dict(zip(idx, eng.generate([prompts[i] for i in idx], params)))
+    return [got[i] for i in range(len(prompts))]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_concurrent_greedy_requests_equal_each_request_alone(family, tok):  # noqa: F811
     model = _model(family, tok)
@@ -51,13 +63,7 @@ def test_concurrent_greedy_requests_equal_each_request_alone(family, tok):  # no
     greedy = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     for block_size, budget, order in ((16, 512, None), (4, 24, "reversed"), (1, 7, "shuffled")):
         eng = Engine(model, block_size=block_size, max_batched_tokens=budget, max_batch=5)
-        idx = list(range(len(prompts)))
-        if order == "reversed":
-            idx.reverse()
-        elif order == "shuffled":
-            random.Random(3).shuffle(idx)
-        got = dict(zip(idx, eng.generate([prompts[i] for i in idx], greedy)))
-        assert [got[i] for i in range(len(prompts))] == want, (family, block_size, budget, order)
+        assert in_order(eng, prompts, greedy, order, seed=3) == want, (family, block_size, budget, order)
         assert eng.stats()["blocks_used"] == 0 and eng.stats()["running"] == 0
 
 
@@ -168,13 +174,7 @@ def test_t5_on_the_paged_engine_equals_its_static_cache_loop(tok):  # noqa: F811
     greedy = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
     for block_size, num_blocks, order in ((16, None, None), (4, None, "reversed"), (2, 40, "shuffled")):
         eng = Engine(model, block_size=block_size, num_blocks=num_blocks, max_batch=4, max_batched_tokens=48)
-        idx = list(range(len(sources)))
-        if order == "reversed":
-            idx.reverse()
-        elif order == "shuffled":
-            random.Random(4).shuffle(idx)
-        got = dict(zip(idx, eng.generate([sources[i] for i in idx], greedy)))
-        assert [got[i] for i in range(len(sources))] == want, (block_size, num_blocks, order)
+        assert in_order(eng, sources, greedy, order, seed=4) == want, (block_size, num_blocks, order)
         assert eng.stats()["blocks_used"] == 0
     assert eng.counters["preemptions"] > 0  # 80 slots for sources of up to 30 tokens and 11 decoder tokens each
     with pytest.raises(LmzooError, match="need 41 blocks of 2; the paged cache has 40"):
