@@ -7,8 +7,9 @@ the same weights, and each process's memory belongs to one measurement only.
 
 Measurements (``--warmup`` untimed calls, then ``--repeats`` timed calls per process; ``--rounds``
 processes per side, alternating which side goes first; the median over all timed calls is reported):
-  decode b=1, b=8   greedy ``lmzoo.generate`` vs ``model.generate``: (batch · new tokens) / wall time
-                    of the whole call (prefill included); the generated ids of both sides are compared.
+  decode b=1, b=8   greedy ``lmzoo.generate`` (on ``fastpath.fuse_for_decode``'s layout, as ``lmzoo generate``
+                    runs) vs ``model.generate``: (batch · new tokens) / wall time of the whole call
+                    (prefill included); the generated ids of both sides are compared.
   train             forward + backward + ``torch.optim.AdamW`` step on batch × seq tokens, labels = ids.
 Memory: peak RSS while the measurement runs (the kernel's high-water mark, reset after loading), and
 that peak minus the RSS just before the first warmup call (what the measurement itself added).
@@ -124,7 +125,9 @@ def _decode_call(side, model, ids, new_tokens):
     mask = ids.new_ones(ids.shape)
     if side == "lmzoo":
         import lmzoo
+        from lmzoo.generate.fastpath import fuse_for_decode
 
+        fuse_for_decode(model)  # what lmzoo generate / chat / serve run: fused, GEMV-friendly weights
         return lambda: lmzoo.generate(model, ids, mask, max_new_tokens=new_tokens, pad_token_id=0)
     # The saved config has no eos token, so both sides generate exactly new_tokens tokens.
     return lambda: model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,

@@ -34,6 +34,7 @@ from lmzoo.errors import LmzooError
 from lmzoo.generate import stream
 from lmzoo.errors import ConfigError
 from lmzoo.tokenizers.chat import BUILTIN_TEMPLATES, builtin_name, choose_template, stop_ids
+from lmzoo.generate.fastpath import fuse_for_decode
 
 HELP = "chat with a model directory in the terminal (streamed, multi-turn, through its chat template)"
 
@@ -214,6 +215,7 @@ def run(args) -> int:
                             add_generation_prompt=True, template=source)  # a broken template fails before loading
     try:
         model = resolve_model(args.model, args.dtype, args.seed, skip_memory_check=args.skip_memory_check)
+        fuse_for_decode(model)  # inference only: fused, GEMV-friendly weights (generate/fastpath.py)
         context = None if getattr(model, "is_encoder_decoder", False) else getattr(model.config, "max_positions", None)
         if context is not None and given is None:
             args.max_new_tokens = min(args.max_new_tokens, context // 2)

@@ -22,6 +22,7 @@ import lmzoo
 from lmzoo.cli.common import DECODER_SHAPES, add_model_argument, require_decoder, resolve_model
 from lmzoo.errors import LmzooError
 from lmzoo.generate.sampling import LogitsProcessor
+from lmzoo.generate.fastpath import fuse_for_decode
 
 HELP = "generate text or token ids with the KV cache (greedy or sampled, streamed)"
 
@@ -119,6 +120,7 @@ def run(args) -> int:
         except ValueError as e:
             raise LmzooError(f"--ids must be integers separated by spaces: {e}") from e
     model = resolve_model(args.model, args.dtype, args.seed, skip_memory_check=args.skip_memory_check)
+    fuse_for_decode(model)  # inference only: fused, GEMV-friendly weights (generate/fastpath.py)
     vocab = model.config.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:

@@ -163,6 +163,9 @@ def save(model: nn.Module, path: str | Path, *, max_shard_size: int | str = "5GB
     ``tokenizer``: a directory whose tokenizer files (and chat template, generation_config.json) are
     copied, an ``lmzoo.Tokenizer`` or a transformers tokenizer; by default those of the directory
     the model was loaded from, if any; ``False`` writes none."""
+    if getattr(model, "decode_fused", False):
+        raise CheckpointError("this model's weights were laid out for decoding (lmzoo.generate.fastpath."
+                              "fuse_for_decode: fused and transposed projections); save the model before fusing")
     if tokenizer is None:  # the directory the model was loaded from, when it (still) holds a tokenizer
         src = getattr(model, "source_directory", None)
         tokenizer = src if src is not None and companion_files(src) else False

@@ -166,9 +166,14 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, inp: AttnInputs, layer_idx: int = 0) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if "qkv_fused" in self._modules:  # lmzoo.generate.fastpath: one matmul, split into q, k, v
+            q, k, v = self.qkv_fused(x).split([self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim,
+                                               self.n_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         if self.rope is not None:
             cos, sin = inp.rope
             q, k = self.rope.rotate(q, cos, sin), self.rope.rotate(k, cos, sin)

@@ -72,7 +72,11 @@ class GatedMLP(nn.Module):
         self.dropout = dropout  # on the gated product before down (T5 v1.1's DenseGatedActDense)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.gate_proj(x)) * self.up_proj(x)
+        if "gate_up_fused" in self._modules:  # lmzoo.generate.fastpath: one matmul for both
+            gate, up = self.gate_up_fused(x).chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(F.dropout(h, self.dropout, self.training and self.dropout > 0))
 
     @property

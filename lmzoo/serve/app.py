@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lmzoo.serve.async_engine import AsyncEngine
 from lmzoo.serve.completions import Generation, Served, collect_unless_gone, encode_prompts, sse
 from lmzoo.serve.protocol import ApiError, parse_body, parse_chat, parse_completion
+from lmzoo.generate.fastpath import fuse_for_decode
 
 STATIC = Path(__file__).parent / "static"
 
@@ -190,6 +191,7 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
     tok = lmzoo.load_tokenizer(str(model_dir))
     source, _ = template_for(template, tok, str(model_dir))
     model = resolve_model(str(model_dir), dtype, device=device, skip_memory_check=skip_memory_check)
+    fuse_for_decode(model)  # inference only: fused, GEMV-friendly weights (generate/fastpath.py)
     from lmzoo.generate.paged import pageable
 
     if engine_cls is None and not pageable(model):  # its cache keeps per-row state the pool cannot
