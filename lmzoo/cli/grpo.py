@@ -14,8 +14,8 @@ model directory (lmzoo reward's final/). --data: JSONL of {"prompt": text or mes
 reward/mean, reward/std, kl (to the reference, when beta > 0), entropy, clip_fraction,
 response_length and, on the built-in tasks, the held-out exact-match accuracy of greedy answers
 (before the first step and at every evaluation); samples.jsonl holds greedy replies at each
-evaluation; grpo.png plots reward, KL and accuracy. One process or torchrun with --parallel ddp
-(FSDP is refused for RL). See docs/rl.md.
+evaluation; grpo.png plots reward, KL and accuracy. One process, or torchrun with --parallel ddp or
+fsdp (FSDP2: the ranks decode in step). See docs/rl.md.
 """
 
 from __future__ import annotations
