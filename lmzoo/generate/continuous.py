@@ -47,6 +47,14 @@ from lmzoo.generate.sampling import LogitsProcessor, process_logits
 KV_BUDGET_BYTES = 2 << 30  # the default pool is at most this large (max_batch full contexts if smaller)
 
 
+def blocks_needed(prompt_len: int, max_tokens: int, block_size: int, enc_dec: bool = False) -> int:
+    """Blocks one request holds at its longest: prompt + max_tokens tokens; for an encoder-decoder, its
+    source's cross-attention K/V in whole blocks of their own, then 1 + max_tokens decoder tokens."""
+    if enc_dec:
+        return -(-prompt_len // block_size) + -(-(1 + max_tokens) // block_size)
+    return -(-(prompt_len + max_tokens) // block_size)
+
+
 @dataclass(eq=False)
 class Sequence:
     rid: str
@@ -127,7 +135,7 @@ class Engine:
         prompt = checked_prompt(prompt_ids, params, self.context_length, self.model.config.vocab_size)
         bs, room = self.pool.block_size, self.pool.num_blocks * self.pool.block_size
         if self.enc_dec:  # the source's cross K/V take whole blocks of their own, then the decoder's tokens
-            need = -(-len(prompt) // bs) + -(-(1 + params.max_tokens) // bs)
+            need = blocks_needed(len(prompt), params.max_tokens, bs, enc_dec=True)
             if need > self.pool.num_blocks:
                 raise LmzooError(f"a source of {len(prompt)} tokens (its cross-attention K/V) + 1 + max_tokens "
                                  f"{params.max_tokens} decoder tokens need {need} blocks of {bs}; the paged cache "

@@ -1,6 +1,6 @@
 """The decode loop behind ``generate`` and ``stream``: every causal decoder runs on the serving engine.
 
-A causal decoder's batch goes through ``continuous.Engine`` (the paged KV cache and scheduler that
+A causal decoder's or T5's batch goes through ``continuous.Engine`` (the paged KV cache and scheduler that
 ``lmzoo serve`` and the RL rollouts use too): the left pads are dropped, each row becomes a request,
 and the engine is sized so that every row is prefilled in the first step and decoded one token per step
 after it (all rows admitted at once, enough blocks that nothing is preempted, no prefix sharing). A row
@@ -8,7 +8,8 @@ leaves the batch when it stops; ``stream`` keeps yielding the pad token for it, 
 the output stays one rectangular tensor. Sampled rows draw from their own generators, seeded from
 ``generator`` (or torch's global generator) in row order, so the same generator state gives the same
 tokens. The models the pool cannot hold keep their own loops: the prefix decoder (ChatGLM-6B, per-row
-cache state) the static cache loop below, encoder-decoders ``seq2seq.py``.
+cache state) the static cache loop below, an encoder-decoder whose cross-attention K/V do not fit the
+pool's slots ``seq2seq.py``.
 
 ``stream(..., with_logits=True)`` also yields each step's (B, V) float32 logits as the model gave them
 (before the penalty, temperature, top-k and top-p): the one seam through which RL rollouts
@@ -64,7 +65,8 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
     if enc_dec and (with_logits or all_done is not None):
         raise LmzooError("generate: with_logits and all_done are for decoder-only models; an encoder-decoder "
                          "streams ids only")
-    if enc_dec and not pageable(model):  # cross-attention K/V the pool cannot hold: seq2seq.py's own loop
+    paged = pageable(model)  # the serving engine can hold its cache
+    if enc_dec and not paged:  # cross-attention K/V the pool cannot hold: seq2seq.py's own loop
         yield from stream_seq2seq(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
@@ -92,7 +94,7 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
     mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)).long()
     eos = torch.tensor(_eos_set(eos_token_id), device=device, dtype=torch.long)
     pad = pad_token_id if pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
-    if pageable(model):
+    if paged:
         yield from _stream_paged(model, input_ids, mask, max_new_tokens=max_new_tokens, proc=proc, eos=eos.tolist(),
                                  pad=pad, generator=generator, with_logits=with_logits, all_done=all_done,
                                  context=limit or T + 1 + max_new_tokens, decoder_start=decoder_start_token_id)
@@ -121,7 +123,7 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
 def _stream_paged(model, input_ids, mask, *, max_new_tokens, proc, eos, pad, generator, with_logits, all_done,
                   context, decoder_start=None) -> Iterator:
     """``_stream`` on the continuous-batching engine (see the module docstring)."""
-    from lmzoo.generate.continuous import Engine
+    from lmzoo.generate.continuous import Engine, blocks_needed
 
     if max_new_tokens == 0:
         return
@@ -135,10 +137,8 @@ def _stream_paged(model, input_ids, mask, *, max_new_tokens, proc, eos, pad, gen
                               device=generator.device if generator is not None else "cpu").tolist()
     block = 16
     was_training = model.training
-    if getattr(model, "is_encoder_decoder", False):  # each source's cross K/V, then the decoder's tokens
-        blocks = sum(-(-len(r) // block) + -(-(1 + max_new_tokens) // block) for r in rows)
-    else:
-        blocks = sum(-(-(len(r) + max_new_tokens) // block) for r in rows)
+    enc_dec = bool(getattr(model, "is_encoder_decoder", False))
+    blocks = sum(blocks_needed(len(r), max_new_tokens, block, enc_dec) for r in rows)
     eng = Engine(model, block_size=block, num_blocks=blocks, max_batch=B, max_batched_tokens=sum(map(len, rows)) + B,
                  prefix_caching=False, context_length=context, keep_logits=with_logits,
                  decoder_start_token_id=decoder_start)

@@ -27,6 +27,7 @@ from lmzoo.serve.async_engine import AsyncEngine
 from lmzoo.serve.completions import Generation, Served, collect_unless_gone, encode_prompts, sse
 from lmzoo.serve.protocol import ApiError, parse_body, parse_chat, parse_completion
 from lmzoo.generate.fastpath import fuse_for_decode
+from lmzoo.generate.paged import pageable
 
 STATIC = Path(__file__).parent / "static"
 
@@ -192,8 +193,6 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
     source, _ = template_for(template, tok, str(model_dir))
     model = resolve_model(str(model_dir), dtype, device=device, skip_memory_check=skip_memory_check)
     fuse_for_decode(model)  # inference only: fused, GEMV-friendly weights (generate/fastpath.py)
-    from lmzoo.generate.paged import pageable
-
     if engine_cls is None and not pageable(model):  # its cache keeps per-row state the pool cannot
         from lmzoo.generate.sequential import SequentialEngine as engine_cls
 
