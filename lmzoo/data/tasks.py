@@ -36,8 +36,10 @@ class Task:
 
 
 # How large the numbers get: "full" is the default; "easy" keeps every answer a few tokens long, for
-# models small enough to finetune in seconds (tests, tiny demos).
+# models small enough to finetune in seconds (tests, tiny demos); "medium" (two-digit operands) has
+# too many problems to memorise (10,000 additions), so a model must learn the digits' rule.
 LEVELS = {"full": {"add": 999, "sub": 999, "mul": 99, "numeral": (99, 99999, 10 ** 9), "sort": (3, 8, 99)},
+          "medium": {"add": 99, "sub": 99, "mul": 20, "numeral": (99, 9999), "sort": (3, 5, 99)},
           "easy": {"add": 20, "sub": 20, "mul": 9, "numeral": (99,), "sort": (3, 3, 9)}}
 
 
@@ -100,7 +102,7 @@ TASKS: dict[str, tuple[Callable[[random.Random, str], Task], Callable[[str], obj
 
 def make_tasks(kind, n: int, seed: int = 0, lang: str = "mixed", level: str = "full") -> list[Task]:
     """``n`` tasks of ``kind`` (a kind, a list of kinds, or ``"all"``: kinds in turn); ``lang`` is "en",
-    "zh" or "mixed"; ``level`` "full" or "easy" (small numbers, see ``LEVELS``)."""
+    "zh" or "mixed"; ``level`` "full", "medium" or "easy" (smaller numbers, see ``LEVELS``)."""
     if level not in LEVELS:
         raise LmzooError(f"unknown task level '{level}'; known: {sorted(LEVELS)}")
     kinds = sorted(TASKS) if kind == "all" else [kind] if isinstance(kind, str) else list(kind)

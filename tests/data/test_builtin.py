@@ -94,3 +94,17 @@ def test_unigram_baseline_by_hand():
     # counts [2, 1, 0] + 1 over 3 + 3 -> p = [1/2, 1/3, 1/6]
     h = unigram_cross_entropy(np.array([0, 0, 1]), np.array([0, 2]), 3)
     assert h == pytest.approx(-(np.log(1 / 2) + np.log(1 / 6)) / 2)
+
+
+def test_task_levels_bound_the_numbers():
+    """easy ≤ 20, medium ≤ 99 (two-digit operands: 10,000 additions, too many to memorise), full ≤ 999."""
+    import re
+
+    from lmzoo.data.tasks import LEVELS, check, make_tasks
+
+    assert set(LEVELS) == {"easy", "medium", "full"}
+    for level, hi in (("easy", 20), ("medium", 99), ("full", 999)):
+        tasks = make_tasks("add", 400, seed=3, level=level)
+        operands = [int(x) for t in tasks for x in re.findall(r"\d+", t.prompt)]
+        assert max(operands) <= hi and max(operands) > hi * 0.9, level
+        assert all(check(t, t.answer) for t in tasks)
