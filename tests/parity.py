@@ -83,7 +83,9 @@ def check_round_trip(ours, auto_cls, tmp_path, vocab: int) -> None:
     ids = torch.randint(0, vocab, (1, 8))
     with torch.no_grad():
         d = max_diff(ours(ids).logits, hf2(ids).logits)
-    assert d == 0.0 or d <= 1e-6, f"round trip changed logits by {d}"
+    # two implementations of one float32 computation: equal to rounding (1e-6 held on an AMD EPYC; an Intel
+    # Xeon's kernels order the sums differently: 1.4e-6)
+    assert d <= 1e-5, f"round trip changed logits by {d}"
     again = lmzoo.load(out)
     for (k, a), (_, b) in zip(sorted(ours.state_dict().items()), sorted(again.state_dict().items())):
         assert torch.equal(a, b), k

@@ -114,6 +114,8 @@ def test_dpo_on_two_ranks_follows_the_one_process_run(dpo_runs, parallel):
     assert rel <= DPO_RTOL, (rel, got, ref)
     for a, b in zip(got, ref):  # TRL's statistics: the mean over both ranks' pairs, as one process sees them
         for key in ("rewards/margins", "rewards/accuracies", "logps/chosen", "tokens"):
+            if key == "rewards/accuracies" and a["step"] == 1:
+                continue  # the policy is its reference: each margin is 0 up to rounding, so its sign is noise
             assert a[key] == pytest.approx(b[key], rel=DPO_RTOL, abs=1e-5), (key, a, b)
     ref_eval, got_eval = _split(one, "eval"), _split(two, "eval")
     assert [r["step"] for r in got_eval] == [0, 2, 4] and "accuracy" in got_eval[-1]
