@@ -44,9 +44,10 @@ def add_arguments(p) -> None:
     p.add_argument("--context", type=int, help="tokens per perplexity window (default: the model's maximum)")
     p.add_argument("--stride", type=int, help="tokens between window starts (default: --context)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--level", choices=["easy", "medium", "full"], default="easy", help="built-in task "
-                   "difficulty (easy: the tiny models' level, as lmzoo's tiny configs train; medium: two-digit "
-                   "operands)")
+    from lmzoo.data.tasks import LEVELS
+
+    p.add_argument("--level", choices=list(LEVELS), default="easy", help="built-in task difficulty (easy: the "
+                   "tiny models' level, as lmzoo's tiny configs train; medium: two-digit operands)")
     p.add_argument("--seed", type=int, help="the built-in tasks' draw (default: lmzoo.eval.suite.EVAL_SEED)")
     p.add_argument("--template", help="chat template for the tasks (default: the model's own, else plain "
                    "'Question: ... Answer:' prompts; 'plain': those even where the model has one)")
