@@ -200,11 +200,13 @@ def _unfold(mod: nn.Module, s: torch.Tensor) -> None:
 @torch.no_grad()
 def run(model: nn.Module, spec: dict, batches: list[torch.Tensor], progress=None) -> None:
     bits, gs = spec["bits"], spec["group_size"]
+    keep = set(spec.get("keep_float", ()))  # widths the layout cannot pack (registry.unpackable): stay in float
     for name, lin in quantizable(model, spec.get("skip", ())).items():
-        check_group_size(gs, lin.in_features, f"awq: {name}", whole=True)
+        if name not in keep:
+            check_group_size(gs, lin.in_features, f"awq: {name}", whole=True)
     inputs = LayerInputs.capture(model, batches)
     for i, layer in enumerate(decoder_layers(model)):
-        names = list(layer_linears(layer, spec.get("skip", ())))
+        names = [n for n in layer_linears(layer, spec.get("skip", ())) if f"layers.{i}.{n}" not in keep]
         groups = trace_linears(layer, inputs, i, names)
         for n in uncalled(names, groups):  # no activations to weigh by: plain asymmetric rounding
             lin = layer.get_submodule(n)

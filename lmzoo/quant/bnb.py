@@ -14,7 +14,12 @@ blocks of 256, after subtracting their mean; that takes the cost of the constant
 bits per weight (QLoRA §3).
 
 diff from bitsandbytes: no CUDA kernels; the int8 matmul is ``torch._int_mm`` (exact int32
-accumulation) and NF4 is dequantize-then-matmul.
+accumulation) and NF4 is dequantize-then-matmul. bitsandbytes casts the weight and the activations to
+float16 before LLM.int8() quantizes them; lmzoo quantizes the values it is given, so on float16-exact
+values codes, SCB and outputs agree, while on other float32 weights ~1% of codes differ by one step.
+The double-quantization codes are the nearest value of the dynamic map, as bitsandbytes' CUDA kernel
+and torch fallback choose; its CPU kernel picks the second nearest for a few constants
+(tests/quant/test_bnb_reference.py).
 """
 
 from __future__ import annotations

@@ -127,8 +127,9 @@ def run(model: nn.Module, spec: dict, batches: list[torch.Tensor], progress=None
     """Quantize every decoder layer's linears with GPTQ, in place, layer after layer."""
     inputs = LayerInputs.capture(model, batches)
     layout = "gptq" if spec["sym"] else "gptq_v2"
+    keep = set(spec.get("keep_float", ()))  # widths the layout cannot pack (registry.unpackable): stay in float
     for i, layer in enumerate(decoder_layers(model)):
-        names = list(layer_linears(layer, spec.get("skip", ())))
+        names = [n for n in layer_linears(layer, spec.get("skip", ())) if f"layers.{i}.{n}" not in keep]
         traced = trace_linears(layer, inputs, i, names)
         for n in uncalled(names, traced):  # no inputs, no Hessian: round to nearest instead
             lin = layer.get_submodule(n)

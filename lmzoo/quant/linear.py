@@ -32,7 +32,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from lmzoo.errors import CheckpointError
-from lmzoo.quant.packing import AWQ_ORDER, pack_cols, pack_rows, unpack_cols, unpack_rows
+from lmzoo.quant.packing import AWQ_ORDER, misfit, pack_cols, pack_rows, unpack_cols, unpack_rows
 from lmzoo.quant.uniform import IntWeights, n_groups
 
 Plain = dict[str, tuple[torch.Tensor, int | None]]  # name -> (tensor, axis of output rows or None if shared)
@@ -170,6 +170,9 @@ class IntLinear(QuantLinear):
             raise ValueError(f"IntLinear layout must be one of {self.LAYOUTS}, got '{layout}'")
         if layout == "awq" and in_features % group_size:
             raise ValueError(f"AWQ's layout needs group_size ({group_size}) to divide in_features ({in_features})")
+        why = misfit(layout, in_features, out_features, bits)
+        if why:  # quantize keeps such a linear in float instead (registry.py)
+            raise ValueError(f"the {layout} layout cannot hold {bits}-bit {in_features} -> {out_features}: {why}")
         self.bits, self.group_size, self.layout = bits, group_size, layout
         per = 32 // bits
         G = n_groups(in_features, group_size)
@@ -326,9 +329,12 @@ class IntLinear(QuantLinear):
                         where: str = "checkpoint") -> "IntLinear":
         bits = spec["bits"]
         gs = spec["group_size"] or in_f
-        with torch.device("meta"):
-            m = cls(in_f, out_f, bias, bits=bits, group_size=gs, layout=spec["layout"],
-                    input_scale="input_scale" in tensors)
+        try:
+            with torch.device("meta"):
+                m = cls(in_f, out_f, bias, bits=bits, group_size=gs, layout=spec["layout"],
+                        input_scale="input_scale" in tensors)
+        except ValueError as e:
+            raise CheckpointError(f"{where}: {e}") from None
         return fill_from_checkpoint(m, tensors, where, f"{bits}-bit, group size {gs}, {spec['layout']} layout")
 
     def extra_repr(self) -> str:

@@ -18,6 +18,9 @@ AWQ GEMM (AutoAWQ ``WQLinear_GEMM``)::
 
 bitsandbytes 4-bit: two codes per uint8, the first element in the high nibble.
 
+Every dimension packed into int32 words must fill them: ``misfit`` says when a width does not (the
+quantizers then keep that linear in float, registry.py).
+
 Everything here is vectorised; the tests check it against loops written independently.
 """
 
@@ -35,6 +38,23 @@ def _per_word(bits: int) -> int:
     if bits not in PACK_BITS:
         raise LmzooError(f"packing supports bits in {PACK_BITS}, got {bits}")
     return 32 // bits
+
+
+def misfit(layout: str, in_features: int, out_features: int, bits: int) -> str | None:
+    """Why a linear of these widths cannot be held in ``layout`` at ``bits`` (None if it can): every
+    dimension a layout packs must fill whole int32 words of 32/bits values. GPTQ packs qweight down the
+    inputs and qzeros along the outputs; AWQ packs qweight and qzeros along the outputs. (No reader
+    pads: AutoGPTQ and AutoAWQ size these buffers with ``//``, GPTQModel's unpack reshapes to
+    (groups, out); see docs/quantization.md.)"""
+    per = _per_word(bits)
+    if layout not in ("gptq", "gptq_v2", "awq"):
+        raise LmzooError(f"unknown packed layout '{layout}'; known: gptq, gptq_v2, awq")
+    if out_features % per:
+        packed = "qweight and qzeros pack" if layout == "awq" else "qzeros packs"
+        return f"out_features {out_features} is not a multiple of {per}: {packed} {per} per int32 along the outputs"
+    if layout != "awq" and in_features % per:
+        return f"in_features {in_features} is not a multiple of {per}: qweight packs {per} per int32 down the inputs"
+    return None
 
 
 def _to_int32(words: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,14 @@ to quantize, ``group_size=DEFAULT`` takes the largest of 64 and 32 that does, el
 output channel (``-1``), and says so on stderr. The shipped tiny LLaMA (``d_ff`` 344 = 8 · 43)
 gets per-channel AWQ; GPT-2 and Bloom (512) keep 128. An explicit ``group_size`` that does not fit
 is an error, as in AutoAWQ.
+
+Widths that do not pack. The int32 layouts need every packed dimension to fill whole words of 32/bits
+values (``packing.misfit``): GPTQ's ``in_features`` (qweight) and ``out_features`` (qzeros), AWQ's
+``out_features``. No loader reads a padded tensor (AutoGPTQ and AutoAWQ size their buffers with ``//``,
+GPTQModel's dequantize reshapes qzeros to (groups, out); docs/quantization.md), so such a linear (e.g.
+the MLP of TinyStories-260K, ``d_ff`` 172, at 4 bits) is kept in float, with any linear the checkpoint
+fuses with it; ``quantize`` says which on one line of stderr, keeps that line in the config's ``meta``,
+and the config names every float decoder linear in the keys the loaders honour (serialize.py).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from lmzoo.errors import LmzooError
 from lmzoo.quant import awq, bnb, gptq, rtn
 from lmzoo.quant.calibrate import as_batches, quantizable
 from lmzoo.quant.linear import QuantLinear
+from lmzoo.quant.packing import misfit
 
 DEFAULT = "default"  # group_size=DEFAULT: the method's own default (128, or 64 for NF4's blocks)
 GROUPS = (None, 32, 64, 128)
@@ -43,16 +52,18 @@ class Method:
     options: dict = field(default_factory=dict)  # name -> default
     summary: str = ""
     whole_groups: bool = False  # the layout needs group_size to divide in_features (AWQ's GEMM)
+    packing: str | None = None  # the int32-packed layout it writes (packing.misfit), None if any width fits
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
     Method("rtn", rtn.run, (2, 4, 8), 4, GROUPS, 128, False, {"sym": True},
-           "round-to-nearest per group; the baseline"),
+           "round-to-nearest per group; the baseline", packing="gptq"),
     Method("gptq", gptq.run, (2, 4, 8), 4, GROUPS, 128, True,
            {"sym": True, "desc_act": False, "damp_percent": 0.01, "block_size": 128, "true_sequential": True},
-           "Hessian-aware column-by-column rounding with error feedback"),
+           "Hessian-aware column-by-column rounding with error feedback", packing="gptq"),
     Method("awq", awq.run, (4,), 4, GROUPS, 128, True, {"n_grid": 20, "clip": True, "block_loss": True},
-           "activation-aware per-channel scales (folded) + clipping search, asymmetric", whole_groups=True),
+           "activation-aware per-channel scales (folded) + clipping search, asymmetric", whole_groups=True,
+           packing="awq"),
     Method("int8", bnb.run_int8, (8,), 8, (None,), None, False, {"threshold": 6.0},
            "LLM.int8(): vector-wise int8 with float outlier features"),
     Method("nf4", bnb.run_nf4, (4,), 4, (32, 64, 128, 256), 64, False, {"double_quant": True},
@@ -125,12 +136,21 @@ def quantize(model: nn.Module, method: str = "gptq", bits: int | None = None, gr
     targets = quantizable(model, spec["skip"])
     if not targets:
         raise LmzooError("quantize: found no nn.Linear inside the decoder layers to quantize")
+    kept = unpackable(m, spec["bits"], model, targets)
+    if kept and len(kept) == len(targets):
+        raise LmzooError(f"quantize: no linear fits {method}'s {m.packing} layout at {spec['bits']} bits; "
+                         f"e.g. {next(iter(kept))}: {next(iter(kept.values()))}")
+    spec["keep_float"] = tuple(kept)
+    kept_note = _kept_note(method, kept, len(targets)) if kept else None
+    if kept_note:
+        print(kept_note, file=sys.stderr)
     if group_size == DEFAULT:
-        spec["group_size"], note = fitting_group(m, {n: lin.in_features for n, lin in targets.items()})
+        widths = {n: lin.in_features for n, lin in targets.items() if n not in kept}
+        spec["group_size"], note = fitting_group(m, widths)
         if note:
             print(note, file=sys.stderr)
     batches = as_batches(calibration, model.config.vocab_size, method) if m.needs_calibration else None
-    bar = _progress_bar(len(targets), method) if progress else None
+    bar = _progress_bar(len(targets) - len(kept), method) if progress else None
     was_training = model.training
     model.eval()
     try:
@@ -138,11 +158,51 @@ def quantize(model: nn.Module, method: str = "gptq", bits: int | None = None, gr
     finally:
         if bar is not None:
             bar.close()
-    from lmzoo.quant.serialize import hf_quantization_config
+    from lmzoo.quant.serialize import float_linears, hf_quantization_config
 
-    model.quantization_config = hf_quantization_config(spec)
+    floats = float_linears(model) if m.packing else None  # skip= and kept ones, named for the loaders
+    model.quantization_config = hf_quantization_config(spec, floats, kept_note)
     model.train(was_training)
     return model
+
+
+def unpackable(method: Method, bits: int, model: nn.Module, targets: dict[str, nn.Linear]) -> dict[str, str]:
+    """The linears ``method``'s layout cannot hold at ``bits`` (name -> why), and those the checkpoint
+    fuses with one of them (GPT-2's ``c_attn``): ``quantize`` keeps these in float (module docstring)."""
+    if method.packing is None:
+        return {}
+    kept = {}
+    for n, lin in targets.items():
+        why = misfit(method.packing, lin.in_features, lin.out_features, bits)
+        if why:
+            kept[n] = why
+    if kept:
+        from lmzoo.quant.serialize import fused_partners
+
+        for n, hf in fused_partners(model, set(kept), set(targets)).items():
+            kept[n] = f"stored in one tensor ({hf}) with a linear kept in float"
+    return kept
+
+
+def _kept_note(method: str, kept: dict[str, str], total: int) -> str:
+    """One line: which linears stay in float and why, grouped ("mlp.gate_proj, mlp.up_proj of layers 0-4 (...)")."""
+    layers: dict[tuple[str, str], list[int]] = {}
+    for name, why in kept.items():
+        _, i, inner = name.split(".", 2)  # layers.{i}.{inner}
+        layers.setdefault((why, inner), []).append(int(i))
+    groups: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    for (why, inner), idx in layers.items():
+        groups.setdefault((why, tuple(idx)), []).append(inner)
+    spans = "; ".join(f"{', '.join(inners)} of layers {_span(idx)} ({why})" for (why, idx), inners in groups.items())
+    return (f"{method}: keeping {len(kept)} of {total} linears in float, unquantized (the checkpoint lists them as "
+            f"not converted): {spans}")
+
+
+def _span(idx: tuple[int, ...]) -> str:
+    """"0-4" for consecutive layers, else "0, 2"."""
+    if len(idx) > 1 and list(idx) == list(range(idx[0], idx[-1] + 1)):
+        return f"{idx[0]}-{idx[-1]}"
+    return ", ".join(map(str, idx))
 
 
 def _progress_bar(total: int, method: str):

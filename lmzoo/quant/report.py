@@ -7,7 +7,9 @@ peak minus the resident memory before loading (Python and torch themselves take 
 that fails is reported by ``run_child`` with its exit status or the signal that killed it and the end
 of its stderr (it runs with ``-X faulthandler``, so a crash in a kernel still names the Python line).
 ``table`` and ``figure`` lay several such results side by side (the ``lmzoo quantize`` report and
-benchmarks/bench_quant.py); a row with a ``skipped`` reason is listed under the table.
+benchmarks/bench_quant.py); a row with a ``skipped`` reason is listed under the table, and so is a
+variant that kept linears in float because its layout could not pack their widths (``kept_in_float``,
+the line ``quantize`` printed, read back from the checkpoint's ``quantization_config.meta``).
 """
 
 from __future__ import annotations
@@ -126,9 +128,11 @@ def measure_here(model_dir: str, ids_file: str, seq_len: int, max_windows: int |
     ppl = perplexity(model, ids, seq_len, max_windows)
     tps = decode_speed(model, ids[:16][None], new_tokens)
     peak = _hwm_kib()
+    kept = (getattr(model, "quantization_config", None) or {}).get("meta", {}).get("kept_in_float")
     return {"perplexity": ppl, **weight_bytes(model), "decode_tokens_per_s": tps,
             "peak_rss_mib": peak / 1024 if peak else None,
-            "rss_added_mib": (peak - base) / 1024 if peak and base else None}
+            "rss_added_mib": (peak - base) / 1024 if peak and base else None,
+            **({"kept_in_float": kept} if kept else {})}
 
 
 def exit_reason(returncode: int) -> str:
@@ -209,6 +213,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         cells = [r["name"]] + [fmt.format(r[k]) if r.get(k) is not None else "–" for k, _, fmt in cols]
         lines.append("| " + " | ".join(cells) + " |")
+    kept = [r for r in rows if r.get("kept_in_float")]
+    if kept:  # linears a layout could not pack (registry.unpackable)
+        lines += ["", "Kept in float:"] + [f"- {r['name']}: {r['kept_in_float']}" for r in kept]
     if skipped:
         lines += ["", "Skipped:"] + [f"- {r['name']}: {r['skipped']}" for r in skipped]
     return "\n".join(lines)

@@ -7,16 +7,18 @@ from __future__ import annotations
 
 from torch import nn
 
-from lmzoo.quant.calibrate import replace_each
+from lmzoo.quant.calibrate import quantizable, set_module
 from lmzoo.quant.gptq import int_linear
 from lmzoo.quant.uniform import rtn
 
 
 def run(model: nn.Module, spec: dict, batches=None, progress=None) -> None:
     layout = "gptq" if spec["sym"] else "gptq_v2"
-
-    def make(lin: nn.Linear, name: str):
+    keep = set(spec.get("keep_float", ()))  # widths the layout cannot pack (registry.unpackable)
+    for name, lin in quantizable(model, spec.get("skip", ())).items():
+        if name in keep:
+            continue
         iw = rtn(lin.weight, spec["bits"], spec["group_size"], spec["sym"], where=name)
-        return int_linear(iw, lin, layout)
-
-    replace_each(model, spec.get("skip", ()), make, progress)
+        set_module(model, name, int_linear(iw, lin, layout))
+        if progress is not None:
+            progress(name)

@@ -18,6 +18,7 @@ keep whole output rows together, so a module's tensors can then be split or merg
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -33,18 +34,25 @@ from lmzoo.quant.linear import IntLinear, QuantLinear
 
 
 # -- config.json ------------------------------------------------------------------------------
-def hf_quantization_config(spec: dict) -> dict:
-    """``quantization_config`` for a model quantized with ``spec`` (see registry.make_spec)."""
+def hf_quantization_config(spec: dict, floats: FloatLinears | None = None, note: str | None = None) -> dict:
+    """``quantization_config`` for a model quantized with ``spec`` (see registry.make_spec); ``floats``
+    names the decoder linears left in float (``float_linears``), ``note`` says why (kept in ``meta``)."""
     method, bits, gs = spec["method"], spec["bits"], spec["group_size"]
     meta = {"quantizer": [f"lmzoo:{lmzoo.__version__}"], "method": method}
+    if note:
+        meta["kept_in_float"] = note
     if method in ("gptq", "rtn"):
-        return {"quant_method": "gptq", "bits": bits, "group_size": gs or -1, "sym": spec["sym"],
-                "desc_act": bool(spec.get("desc_act", False)), "damp_percent": spec.get("damp_percent", 0.01),
-                "true_sequential": spec.get("true_sequential", True), "static_groups": False,
-                "checkpoint_format": "gptq" if spec["sym"] else "gptq_v2", "meta": meta}
-    if method == "awq":
+        out = {"quant_method": "gptq", "bits": bits, "group_size": gs or -1, "sym": spec["sym"],
+               "desc_act": bool(spec.get("desc_act", False)), "damp_percent": spec.get("damp_percent", 0.01),
+               "true_sequential": spec.get("true_sequential", True), "static_groups": False,
+               "checkpoint_format": "gptq" if spec["sym"] else "gptq_v2", "meta": meta}
+        if floats is not None:  # optimum (transformers' loader) reads an allow-list; GPTQModel negative patterns
+            out["modules_in_block_to_quantize"] = [floats.quantized]
+            out["dynamic"] = {f"-:{floats.pattern(k)}": {} for k in floats.keys}
+        return out
+    if method == "awq":  # transformers and AutoAWQ both read modules_to_not_convert
         return {"quant_method": "awq", "bits": bits, "group_size": gs or -1, "zero_point": True, "version": "gemm",
-                "modules_to_not_convert": None, "meta": meta}
+                "modules_to_not_convert": floats.keys if floats is not None else None, "meta": meta}
     common = {"quant_method": "bitsandbytes", "llm_int8_skip_modules": None, "llm_int8_enable_fp32_cpu_offload": False,
               "llm_int8_has_fp16_weight": False, "bnb_4bit_compute_dtype": "float32", "bnb_4bit_quant_storage": "uint8"}
     if method == "int8":
@@ -102,6 +110,84 @@ def module_spec(m: QuantLinear) -> dict:
     if isinstance(m, Int8Linear):
         return {"threshold": m.threshold}
     return {"blocksize": m.blocksize}
+
+
+# -- decoder linears left in float ------------------------------------------------------------
+@dataclass
+class FloatLinears:
+    """The decoder linears a quantized checkpoint holds in float, named as the loaders match them.
+
+    transformers (AWQ) skips a module whose name ends with a ``modules_to_not_convert`` key (or
+    matches it as a regex from the start); AutoAWQ skips one whose name *inside its decoder layer*
+    contains a key; optimum (transformers' GPTQ loader) converts only modules whose name ends with an
+    entry of ``modules_in_block_to_quantize``; GPTQModel skips modules matching a ``-:`` pattern of
+    ``dynamic``. Names inside the layer ("mlp.down_proj") serve all four when every layer keeps the
+    same ones and they select exactly those; otherwise full checkpoint names (AutoAWQ cannot then
+    express it)."""
+
+    keys: list[str]  # the float ones
+    quantized: list[str]  # the quantized ones, in the same form
+    relative: bool  # names inside the decoder layer, else full checkpoint module names
+
+    def pattern(self, key: str) -> str:
+        """A regex (GPTQModel's ``dynamic``, matched from the start) for the modules ``key`` names."""
+        return (r"(?:.*\.)?" if self.relative else "") + re.escape(key) + "$"
+
+
+def _selects(keys: list[str], full: str, inner: str | None) -> bool:
+    """Whether any loader's rule (see ``FloatLinears``) takes the module ``full`` for one of ``keys``."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    return any(full.endswith(k) or re.match(rf"(?:{k}){boundary}", full) or (inner is not None and k in inner)
+               for k in keys)
+
+
+def _inner_name(full: str, layer: int) -> str | None:
+    """"self_attn.q_proj" for "model.layers.3.self_attn.q_proj" (the first numeric segment is the layer)."""
+    segs = full.split(".")
+    k = next((j for j, seg in enumerate(segs) if seg.isdigit()), None)
+    return ".".join(segs[k + 1:]) if k is not None and int(segs[k]) == layer and k + 1 < len(segs) else None
+
+
+def float_linears(model: nn.Module) -> FloatLinears | None:
+    """Which decoder linears of a quantized ``model`` stay in float, in checkpoint names; None if none."""
+    from lmzoo.interop.checkpoint import _keymap
+    from lmzoo.quant.calibrate import decoder_layers
+
+    mods = {f"layers.{i}.{n}": m for i, layer in enumerate(decoder_layers(model)) for n, m in layer.named_modules()
+            if type(m) is nn.Linear or isinstance(m, QuantLinear)}
+    if all(isinstance(m, QuantLinear) for m in mods.values()):
+        return None
+    modules = []  # (checkpoint name, its layer, quantized?)
+    for l in plan(_keymap(model), {n: (m.out_features, m.in_features) for n, m in mods.items()}):
+        quantized = {isinstance(mods[n], QuantLinear) for n, _ in l.parts}
+        if len(quantized) != 1:  # skip= split a fused module: lmzoo.save refuses the model (``plan``)
+            return None
+        modules.append((l.hf_module, int(l.parts[0][0].split(".")[1]), quantized.pop()))
+    inner = {full: _inner_name(full, i) for full, i, _ in modules}
+    if None not in inner.values():
+        per_layer: dict[int, set[str]] = {}
+        for full, i, q in modules:
+            per_layer.setdefault(i, set()).update([] if q else [inner[full]])
+        rel_f = sorted(per_layer[min(per_layer)])
+        rel_q = list(dict.fromkeys(inner[full] for full, _, q in modules if q))
+        if all(sorted(v) == rel_f for v in per_layer.values()) and all(
+                _selects(rel_f, full, inner[full]) != q and _selects(rel_q, full, None) == q for full, _, q in modules):
+            return FloatLinears(rel_f, rel_q, relative=True)
+    return FloatLinears([f for f, _, q in modules if not q], [f for f, _, q in modules if q], relative=False)
+
+
+def fused_partners(model: nn.Module, names: set[str], candidates: set[str]) -> dict[str, str]:
+    """Linears among ``candidates`` that the checkpoint stores in one tensor with one of ``names``
+    (GPT-2's ``c_attn`` holds q, k and v): partner -> that checkpoint module."""
+    from lmzoo.interop.checkpoint import _keymap
+
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules() if n in candidates}
+    out = {}
+    for l in plan(_keymap(model), shapes):
+        parts = [n for n, _ in l.parts]
+        if len(parts) > 1 and set(parts) & names:
+            out.update({n: l.hf_module for n in parts if n not in names})
+    return out
 
 
 # -- which checkpoint rows are which module's rows --------------------------------------------
