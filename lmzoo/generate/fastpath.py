@@ -16,7 +16,12 @@ same weight stored (in, out) reads 13-15 GB/s; for (512, 1408) the (out, in) lay
 Outputs equal the plain model's to float rounding (the same products, summed in another order): tested
 for every causal family with greedy ids equal. The model is changed in place and marked
 ``decode_fused``: it is for generating, not for training or saving (``lmzoo.save`` refuses it).
-Quantized and LoRA layers are left alone (they are not plain ``nn.Linear``).
+LoRA layers are left alone. Quantized ``IntLinear`` layers (RTN, GPTQ, AWQ at 8 or 4 bits) become torch's
+weight-only int8/int4 kernels (``lmzoo/quant/kernels.py``: the packed codes are read, no float copy),
+fused the same way where q/k/v or gate/up share a spec; layers those kernels cannot take (act-order,
+other widths and bit counts) and LLM.int8()/NF4 keep dequantize-then-matmul. The kernels take bf16
+activations and give bf16 outputs (about 2^-9 relative), so a quantized model's decode differs from its
+``IntLinear`` forward by that rounding, far inside the quantization's own.
 """
 
 from __future__ import annotations
@@ -54,6 +59,32 @@ def _plain(m) -> bool:
     return type(m) is nn.Linear
 
 
+def _int_weights(mods):
+    """The IntWeights of ``mods`` if every one is an ``IntLinear`` a decode kernel takes, with one spec."""
+    from lmzoo.quant.kernels import supported
+    from lmzoo.quant.linear import IntLinear
+
+    if not all(type(m) is IntLinear and m.input_scale is None and m.kernel != "dequant" for m in mods):
+        return None
+    if len({(m.bits, m.group_size, m.in_features) for m in mods}) != 1:
+        return None
+    iws = [m.int_weights() for m in mods]
+    return iws if all(supported(iw) is None for iw in iws) else None
+
+
+def _lowbit_of(*mods):
+    """One int8/int4 kernel module for ``mods`` side by side (None if they cannot share one)."""
+    from lmzoo.quant.kernels import concat, lowbit
+
+    iws = _int_weights(mods)
+    if iws is None:
+        return None
+    biases = [m.bias for m in mods]
+    b = None if all(x is None for x in biases) else torch.cat(
+        [x.float() if x is not None else torch.zeros(m.out_features) for x, m in zip(biases, mods)])
+    return lowbit(concat(iws) if len(iws) > 1 else iws[0], b)
+
+
 def fuse_for_decode(model: nn.Module) -> dict:
     """Lay ``model``'s weights out for decoding, in place (see the module docstring); what it changed."""
     from lmzoo.nn.attention import Attention, CrossAttention
@@ -61,17 +92,23 @@ def fuse_for_decode(model: nn.Module) -> dict:
     from lmzoo.nn.mlp import GatedMLP
 
     if getattr(model, "decode_fused", False):
-        return {"qkv": 0, "gate_up": 0, "wide": 0}
-    done = {"qkv": 0, "gate_up": 0, "wide": 0}
+        return {"qkv": 0, "gate_up": 0, "wide": 0, "lowbit": 0}
+    done = {"qkv": 0, "gate_up": 0, "wide": 0, "lowbit": 0}
     for mod in list(model.modules()):
-        if type(mod) is Attention and all(_plain(getattr(mod, n)) for n in ("q_proj", "k_proj", "v_proj")):
-            mod.qkv_fused = WideLinear.of(mod.q_proj, mod.k_proj, mod.v_proj)
-            del mod.q_proj, mod.k_proj, mod.v_proj
-            done["qkv"] += 1
-        elif type(mod) is GatedMLP and _plain(mod.gate_proj) and _plain(mod.up_proj):
-            mod.gate_up_fused = WideLinear.of(mod.gate_proj, mod.up_proj)
-            del mod.gate_proj, mod.up_proj
-            done["gate_up"] += 1
+        if type(mod) is Attention:
+            qkv = [getattr(mod, n) for n in ("q_proj", "k_proj", "v_proj")]
+            fused = WideLinear.of(*qkv) if all(map(_plain, qkv)) else _lowbit_of(*qkv)
+            if fused is not None:
+                mod.qkv_fused = fused
+                del mod.q_proj, mod.k_proj, mod.v_proj
+                done["qkv"] += 1
+        elif type(mod) is GatedMLP:
+            gu = [mod.gate_proj, mod.up_proj]
+            fused = WideLinear.of(*gu) if all(map(_plain, gu)) else _lowbit_of(*gu)
+            if fused is not None:
+                mod.gate_up_fused = fused
+                del mod.gate_proj, mod.up_proj
+                done["gate_up"] += 1
     for parent in list(model.modules()):
         if isinstance(parent, (CrossAttention, MLA)):  # MLA reads its projections' weights (absorbed decode)
             continue
@@ -79,5 +116,10 @@ def fuse_for_decode(model: nn.Module) -> dict:
             if _plain(child) and child.out_features > child.in_features:
                 setattr(parent, name, WideLinear.of(child))
                 done["wide"] += 1
+            else:
+                k = _lowbit_of(child)
+                if k is not None:
+                    setattr(parent, name, k)
+                    done["lowbit"] += 1
     model.decode_fused = True
     return done
