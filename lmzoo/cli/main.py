@@ -8,7 +8,7 @@ import sys
 
 from lmzoo.errors import LmzooError
 
-COMMANDS = ["speedrun", "zoo", "generate", "chat", "serve", "convert", "kvcache", "masks", "tokenizer", "quantize",
+COMMANDS = ["speedrun", "zoo", "generate", "chat", "serve", "convert", "export", "kvcache", "masks", "tokenizer", "quantize",
             "compare-archs", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "eval", "train"]
 
 # What a shell reports for a process killed by SIGPIPE (128 + 13): `lmzoo zoo --json | head` exits

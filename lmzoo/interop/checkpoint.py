@@ -103,8 +103,15 @@ def _buffers_only(fam: Family, cfg):
 
 
 def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None = None) -> nn.Module:
-    """Load a Hugging Face-layout directory (config.json + safetensors, single or sharded)."""
+    """Load a Hugging Face-layout directory (config.json + safetensors, single or sharded), or a
+    llama ``.gguf`` file (lmzoo/interop/gguf.py; its tokenizer comes with ``read_gguf``)."""
     directory = Path(path)
+    if directory.suffix == ".gguf" and directory.is_file():
+        from lmzoo.interop.gguf import read_gguf
+
+        model, _ = read_gguf(directory, dtype=as_dtype(dtype) if dtype is not None else torch.float32,
+                             attn_kernel=attn_kernel)
+        return model.to(device or "cpu")
     hf = read_hf_config(directory)
     fam = family_for_hf(hf, str(directory / "config.json"))
     cfg = fam.config_cls.from_hf(hf, source=str(directory / "config.json"))
