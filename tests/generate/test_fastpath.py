@@ -43,3 +43,18 @@ def test_fused_decode_equals_the_plain_model(family, tok, tmp_path):  # noqa: F8
                        lmzoo.generate(fused, ids, mask, max_new_tokens=8))
     with pytest.raises(CheckpointError, match="laid out for decoding"):
         lmzoo.save(fused, tmp_path / "fused")
+
+
+def test_bf16_models_keep_the_linear_layout_and_their_logits(tok):  # noqa: F811
+    """16-bit weights are fused but not transposed (WideLinear): the same F.linear products, the same logits."""
+    torch.manual_seed(0)
+    plain = tiny_decoder("llama", tok).eval().to(torch.bfloat16)
+    fused = tiny_decoder("llama", tok).eval().to(torch.bfloat16)
+    fused.load_state_dict(plain.state_dict())
+    fuse_for_decode(fused)
+    wide = [m for m in fused.modules() if isinstance(m, WideLinear)]
+    assert wide and all(not m.transposed and m.weight.dtype == torch.bfloat16 for m in wide)
+    ids = torch.randint(3, tok.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = plain(ids).logits.float(), fused(ids).logits.float()
+    assert (a - b).abs().max() <= 2 ** -6 * a.abs().max()  # bf16: fused outputs are summed in another order
