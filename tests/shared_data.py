@@ -26,3 +26,20 @@ def need(path: Path) -> Path:
             pytest.fail(msg + " and LMZOO_REQUIRE_SHARED_DATA is set", pytrace=False)
         pytest.skip(msg)
     return path
+
+# The prebuilt llama-cpp-python wheels beside the project (../shared/wheels, its README); make installs one.
+WHEELS = DATA.parent / "wheels"
+
+
+def need_llamacpp():
+    """``lmzoo.interop.llamacpp`` when llama.cpp can be imported in a child process; else skip, or fail where
+    the prebuilt wheels are (``make`` installs one from them) or the shared data is required."""
+    from lmzoo.interop import llamacpp
+
+    ok, why = llamacpp.available()
+    if not ok:
+        if WHEELS.exists() or REQUIRED:
+            pytest.fail(f"{why}; {WHEELS} is there (or LMZOO_REQUIRE_SHARED_DATA is set), so llama-cpp-python "
+                        "should be installed from it (make test does)", pytrace=False)
+        pytest.skip(why)
+    return llamacpp

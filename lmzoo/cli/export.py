@@ -30,14 +30,13 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     import lmzoo
-    from lmzoo.interop.gguf import TYPES, export_gguf
+    from lmzoo.interop.gguf import TYPES, check_architecture, export_gguf
     from lmzoo.tokenizers import find_tokenizer
 
     if args.type not in TYPES:
         raise LmzooError(f"unsupported --type {args.type!r}; supported: {', '.join(TYPES)}")
     fam = family_of(args.model)  # refuse another family before any weight is read
-    if fam.name != "llama":
-        raise LmzooError(f"gguf export: architecture {fam.name} is not supported yet (supported: llama)")
+    check_architecture(fam.name)
     model = resolve_model(args.model, "float32", args.seed, skip_memory_check=args.skip_memory_check)
     tok = lmzoo.load_tokenizer(args.model) if Path(args.model).is_dir() and find_tokenizer(args.model) else None
     written = export_gguf(model, tok, args.out, type=args.type)

@@ -33,6 +33,21 @@ import torch
 
 from lmzoo.errors import CheckpointError, ConfigError, LmzooError
 
+ARCHITECTURES = ("llama",)  # the llama.cpp architectures (``general.architecture``) written here
+
+
+def check_architecture(family: str) -> str:
+    """The GGUF architecture of the lmzoo family ``family``; one clear error when it cannot be exported."""
+    from lmzoo.models.registry import families
+
+    fam = families().get(family)
+    arch = fam.gguf_architecture if fam is not None else ""
+    if arch not in ARCHITECTURES:
+        raise ConfigError(f"gguf export: architecture {family} is not supported yet (supported: "
+                          f"{', '.join(sorted(f.name for f in families().values() if f.gguf_architecture in ARCHITECTURES))})")
+    return arch
+
+
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 
 
@@ -96,8 +111,7 @@ def _lmzoo_name(name: str) -> str:
 
 def _check_supported(model) -> None:
     family = getattr(type(getattr(model, "config", None)), "family", type(model).__name__)
-    if family != "llama":
-        raise ConfigError(f"gguf export: architecture {family} is not supported yet (supported: llama)")
+    check_architecture(family)
     rope = model.config.rope
     if rope.rotary_fraction != 1.0:
         raise ConfigError("gguf export: partial RoPE (rope.rotary_fraction < 1) has no llama.cpp 'llama' equivalent")

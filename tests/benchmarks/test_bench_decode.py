@@ -16,15 +16,15 @@ import pytest
 pytest.importorskip("transformers")
 
 from lmzoo.interop import llamacpp  # noqa: E402
+from tests.shared_data import REQUIRED, WHEELS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-WHEELS = ROOT.parent / "shared" / "wheels"
 
 
 @pytest.mark.slow
 def test_bench_decode_quick(tmp_path):
     ok, why = llamacpp.available()
-    if not ok and WHEELS.is_dir():
+    if not ok and (WHEELS.is_dir() or REQUIRED):
         pytest.fail(f"{why}, though {WHEELS} holds prebuilt wheels (make installs one)")
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_decode.py"), "--quick", "--threads", "1",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=400)

@@ -18,7 +18,7 @@ from lmzoo.cli.main import main
 from lmzoo.errors import ConfigError
 from lmzoo.interop.gguf import export_gguf, read_gguf
 from lmzoo.models.llama.config import LlamaConfig
-from tests.shared_data import REQUIRED, ROOT
+from tests.shared_data import need_llamacpp
 
 gguf = pytest.importorskip("gguf")
 
@@ -132,16 +132,7 @@ def test_tied_head_has_no_output_and_fallback_to_f16(tmp_path):
 # -- llama.cpp itself ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def llamacpp():
-    from lmzoo.interop import llamacpp
-
-    ok, why = llamacpp.available()
-    if not ok:
-        wheels = ROOT.parent / "shared" / "wheels"
-        if wheels.exists() or REQUIRED:
-            pytest.fail(f"{why}; {wheels} is there (or LMZOO_REQUIRE_SHARED_DATA is set), so llama-cpp-python "
-                        "should be installed from it (make test does)", pytrace=False)
-        pytest.skip(why)
-    return llamacpp
+    return need_llamacpp()
 
 
 def test_llamacpp_logits_greedy_and_tokens(setup, llamacpp, tmp_path):
