@@ -55,10 +55,7 @@ class WideLinear(nn.Module):
         """One WideLinear whose outputs are those of ``linears`` side by side."""
         with torch.no_grad():
             w = torch.cat([m.weight for m in linears], 0)  # (sum of outs, in)
-            biases = [m.bias for m in linears]
-            b = None if all(x is None for x in biases) else torch.cat(
-                [x if x is not None else torch.zeros(m.out_features, dtype=m.weight.dtype, device=m.weight.device)
-                 for x, m in zip(biases, linears)])
+            b = _cat_biases(linears, w.dtype)
         return cls(w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -66,6 +63,15 @@ class WideLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         y = x @ self.weight_t
         return y + self.bias if self.bias is not None else y
+
+
+def _cat_biases(mods, dtype) -> torch.Tensor | None:
+    """The biases of ``mods`` side by side in ``dtype`` (zeros for a module without one); None if none has one."""
+    device = next((m.bias.device for m in mods if m.bias is not None), None)
+    if device is None:
+        return None
+    return torch.cat([m.bias.detach().to(dtype) if m.bias is not None else
+                      torch.zeros(m.out_features, dtype=dtype, device=device) for m in mods])
 
 
 def _plain(m) -> bool:
@@ -92,10 +98,7 @@ def _lowbit_of(*mods):
     iws = _int_weights(mods)
     if iws is None:
         return None
-    biases = [m.bias for m in mods]
-    b = None if all(x is None for x in biases) else torch.cat(
-        [x.float() if x is not None else torch.zeros(m.out_features) for x, m in zip(biases, mods)])
-    return lowbit(concat(iws) if len(iws) > 1 else iws[0], b)
+    return lowbit(concat(iws) if len(iws) > 1 else iws[0], _cat_biases(mods, torch.float32))
 
 
 def fuse_for_decode(model: nn.Module) -> dict:

@@ -36,9 +36,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from lmzoo.quant.linear import INT8PACK_K_MULTIPLE as INT8_K_MULTIPLE  # the kernel's blocks along K
 from lmzoo.quant.uniform import IntWeights
-
-INT8_K_MULTIPLE = 16  # _weight_int8pack_mm's blocks along K (see linear.py)
 INT4_GROUPS = (256, 128, 64, 32)  # what _weight_int4pack_mm_for_cpu accepts as qGroupSize
 INT4_N_MULTIPLE = 16  # _convert_weight_to_int4pack_for_cpu needs N % 16 == 0
 
