@@ -58,9 +58,9 @@ class Family:
     # Decoders: transformers' ``<Arch>ForSequenceClassification`` class, the layout a reward model
     # (lmzoo/models/reward.py) is saved in; "" when the family has none (no reward models).
     hf_sequence_classifier: str = ""
-    # Decoders: the ``general.architecture`` llama.cpp gives the family in GGUF files, when lmzoo exports it
-    # (lmzoo/interop/gguf.py); "" when ``lmzoo export gguf`` cannot write it yet.
-    gguf_architecture: str = ""
+    # Decoders: the module that maps the family to llama.cpp's GGUF architecture (``lmzoo.models.<family>.gguf``,
+    # its protocol in lmzoo/interop/gguf.py); "" when ``lmzoo export gguf`` cannot write it yet.
+    gguf: str = ""
     # Image families: the preprocessing their checkpoints were trained with (``lmzoo.vision.PROCESSORS[name]``).
     image_processor: ImageProcessor | None = None
 

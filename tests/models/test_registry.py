@@ -67,8 +67,8 @@ ALLOWED = {
     ("lmzoo/tokenizers/chat.py", "chatglm"): "a chat template's name (ChatGLM-6B's chat() prompt)",
     ("lmzoo/tokenizers/loading.py", "gpt2"): "a tokenizer file format: vocab.json + merges.txt",
     ("lmzoo/tokenizers/loading.py", "bert"): "a tokenizer file format: WordPiece vocab.txt",
-    ("lmzoo/interop/gguf.py", "gpt2"): "a GGUF vocabulary type (tokenizer.ggml.model), byte-level BPE",
-    ("lmzoo/interop/gguf.py", "llama"): "GGUF metadata values: llama.cpp's 'llama' architecture and vocabulary type",
+    ("lmzoo/interop/gguf_vocab.py", "gpt2"): "a GGUF vocabulary type (tokenizer.ggml.model), byte-level BPE",
+    ("lmzoo/interop/gguf_vocab.py", "llama"): "a GGUF vocabulary type (tokenizer.ggml.model), SentencePiece",
     ("lmzoo/vision/demo.py", "vit"): "the table of demo runs behind `lmzoo train vit|clip`, by command name",
     ("lmzoo/vision/demo.py", "clip"): "the table of demo runs behind `lmzoo train vit|clip`, by command name",
     # to remove: `args.model == "clip"` picks the extra file to print; the demo run could report its files

@@ -14,5 +14,5 @@ FAMILY = Family(
     tokenizer="SentencePiece BPE with byte fallback (LLaMA-2); tiktoken byte-level BPE (LLaMA-3)",
     chat_template="llama2",  # LLaMA-3 checkpoints ship their own template (and its header tokens name llama3)
     objective="next-token prediction (causal LM)", inputs="token embeddings; RoPE rotates q and k",
-    gguf_architecture="llama",
+    gguf="lmzoo.models.llama.gguf",
 )
