@@ -9,6 +9,8 @@ per (engine, format, round), rounds alternating the order:
   lmzoo         ``lmzoo.generate`` on ``fuse_for_decode``'s layout (what ``lmzoo generate``/``chat``/
                 ``serve`` run): fp32; bf16; int8 = RTN 8-bit per channel; int4 = RTN 4-bit groups of 32
                 (both on torch's weight-only kernels, lmzoo/quant/kernels.py)
+  lmzoo compiled  the same with ``--compile`` (``lmzoo/generate/compiled.py``: ``torch.compile`` of the decode
+                step on a static KV cache; compile time is spent in the warm-up and reported apart)
   transformers  ``model.generate`` (sdpa): fp32; bf16
   llama.cpp     ``llama_cpp`` (lmzoo/interop/llamacpp.py, its own process): F32, F16, Q8_0, Q4_0
 
@@ -48,6 +50,7 @@ MODELS = {  # name: (vocab, d_model, layers, heads, kv heads, d_ff)
     "quick": (512, 64, 2, 4, 2, 128),
 }
 RUNS = [("lmzoo", "fp32"), ("lmzoo", "bf16"), ("lmzoo", "int8"), ("lmzoo", "int4"),
+        ("lmzoo compiled", "fp32"), ("lmzoo compiled", "bf16"), ("lmzoo compiled", "int8"), ("lmzoo compiled", "int4"),
         ("transformers", "fp32"), ("transformers", "bf16"),
         ("llama.cpp", "F32"), ("llama.cpp", "F16"), ("llama.cpp", "Q8_0"), ("llama.cpp", "Q4_0")]
 QUICK_RUNS = [("lmzoo", "fp32"), ("lmzoo", "int8"), ("transformers", "fp32"), ("llama.cpp", "F32"), ("llama.cpp", "Q8_0")]
@@ -57,8 +60,10 @@ SAME_BYTES = {"fp32": "F32", "bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}  # l
 
 
 # -- workers (each in its own process) ------------------------------------------------------------------
-def _timed_decode(gen, new_tokens: int, repeats: int) -> tuple[float, list]:
-    gen(1), gen(new_tokens + 1)  # warm up
+def _timed_decode(gen, new_tokens: int, repeats: int) -> tuple[float, list, float]:
+    t0 = time.perf_counter()
+    gen(1), gen(new_tokens + 1)  # warm up (and compile, for lmzoo compiled)
+    warm = time.perf_counter() - t0
     rates, out = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -67,7 +72,7 @@ def _timed_decode(gen, new_tokens: int, repeats: int) -> tuple[float, list]:
         out = gen(new_tokens + 1)
         t2 = time.perf_counter()
         rates.append(new_tokens / max((t2 - t1) - (t1 - t0), 1e-9))
-    return statistics.median(rates), out
+    return statistics.median(rates), out, warm
 
 
 def worker(spec: dict) -> dict:
@@ -95,8 +100,9 @@ def worker(spec: dict) -> dict:
         out = llamacpp.greedy(path, spec["prompt"], n, n_threads=spec["threads"]) if spec["fmt"] == "F32" else None
         return {"tokens_per_s": statistics.median(rates), "ids": out}
     dtype = torch.bfloat16 if spec["fmt"] == "bf16" else torch.float32
-    if spec["engine"] == "lmzoo":
+    if spec["engine"].startswith("lmzoo"):
         import lmzoo
+        from lmzoo.generate.compiled import compile_for_decode
         from lmzoo.generate.fastpath import fuse_for_decode
 
         model = lmzoo.load(spec["model_dir"], dtype=dtype)
@@ -108,6 +114,8 @@ def worker(spec: dict) -> dict:
                 model = lmzoo.quantize(model, "rtn", bits=8 if spec["fmt"] == "int8" else 4,
                                        group_size=None if spec["fmt"] == "int8" else 32)
         changed = fuse_for_decode(model)
+        if spec["engine"] == "lmzoo compiled" and not compile_for_decode(model):
+            raise SystemExit("torch.compile unavailable (no C++ compiler)")
 
         def gen(k):
             return lmzoo.generate(model, ids, max_new_tokens=k, pad_token_id=0)
@@ -122,8 +130,9 @@ def worker(spec: dict) -> dict:
             return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=k, min_new_tokens=k,
                                   do_sample=False, pad_token_id=0)
     with torch.inference_mode():
-        rate, out = _timed_decode(gen, n, spec["repeats"])
-    return {"tokens_per_s": rate, "ids": out[0, ids.shape[1]:ids.shape[1] + n].tolist(), "fused": changed}
+        rate, out, warm = _timed_decode(gen, n, spec["repeats"])
+    return {"tokens_per_s": rate, "ids": out[0, ids.shape[1]:ids.shape[1] + n].tolist(), "fused": changed,
+            "warmup_s": warm}
 
 
 # -- parent ---------------------------------------------------------------------------------------------
@@ -200,6 +209,7 @@ def run_model(name: str, args, root: Path, llama_ok: bool) -> dict:
         bpt = info["matrix_weights"] * BITS[fmt] / 8
         tps = statistics.median([r["tokens_per_s"] for r in ok]) if ok else None
         rows.append({"engine": engine, "format": fmt, "tokens_per_s": tps, "bytes_per_token": bpt,
+                     "warmup_s": statistics.median([r["warmup_s"] for r in ok]) if ok and "warmup_s" in ok[0] else None,
                      "gb_s": tps * bpt / 1e9 if tps else None, "ids": ok[0].get("ids") if ok else None,
                      "error": errors[0] if errors and not ok else None})
     return {"name": name, **info, "copy_gb_s": copy.get("copy_gb_s"), "rows": rows}
@@ -212,7 +222,7 @@ def _row(res, engine, fmt):
 def checks(res) -> list[str]:
     out = []
     ref = _row(res, "lmzoo", "fp32")
-    for engine, fmt in (("transformers", "fp32"), ("llama.cpp", "F32")):
+    for engine, fmt in (("lmzoo compiled", "fp32"), ("transformers", "fp32"), ("llama.cpp", "F32")):
         other = _row(res, engine, fmt)
         if other is None or not other["ids"] or not ref["ids"]:
             continue
@@ -242,13 +252,17 @@ def markdown(all_res: list[dict], meta: dict) -> str:
                 continue
             roof = res["copy_gb_s"] * 1e9 / r["bytes_per_token"]
             ratio = ""
-            if r["engine"] == "lmzoo":
+            if r["engine"].startswith("lmzoo"):
                 other = _row(res, "llama.cpp", SAME_BYTES[r["format"]])
                 if other and other["tokens_per_s"]:
                     ratio = f"{r['tokens_per_s'] / other['tokens_per_s']:.2f}×"
             lines.append(f"| {r['engine']} | {r['format']} | {r['bytes_per_token'] / 1e6:.1f} | {r['tokens_per_s']:.1f} | "
                          f"{r['gb_s']:.1f} | {100 * r['tokens_per_s'] / roof:.0f}% | {ratio} |")
-        lines += [""] + [f"- {c}" for c in checks(res)] + [""]
+        warm = [f"{r['format']} {r['warmup_s']:.0f} s" for r in res["rows"]
+                if r["engine"] == "lmzoo compiled" and r.get("warmup_s") is not None]
+        lines += [""] + [f"- {c}" for c in checks(res)]
+        lines += [f"- lmzoo compiled: first two generate calls (compile included): {', '.join(warm)}"] if warm else []
+        lines += [""]
     lines += ["Bytes per token count the matrices a decode step reads (linear weights and the LM head) at the "
               "format's bits per weight, scales included (Q8_0 8.5, Q4_0 4.5, lmzoo int4 with groups of 32 4.625). "
               "% of roofline: tokens/s against copy bandwidth / bytes per token.", ""]
@@ -262,7 +276,7 @@ def figure(all_res: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(all_res), figsize=(6 * len(all_res), 4.5), squeeze=False)
-    markers = {"lmzoo": "o", "transformers": "s", "llama.cpp": "^"}
+    markers = {"lmzoo": "o", "lmzoo compiled": "D", "transformers": "s", "llama.cpp": "^"}
     for ax, res in zip(axes[0], all_res):
         xs = [r["bytes_per_token"] / 1e6 for r in res["rows"]]
         lo, hi = min(xs) * 0.7, max(xs) * 1.4

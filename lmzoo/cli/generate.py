@@ -22,6 +22,7 @@ import lmzoo
 from lmzoo.cli.common import DECODER_SHAPES, add_model_argument, require_decoder, resolve_model
 from lmzoo.errors import LmzooError
 from lmzoo.generate.sampling import LogitsProcessor
+from lmzoo.generate.compiled import compile_for_decode
 from lmzoo.generate.fastpath import fuse_for_decode
 
 HELP = "generate text or token ids with the KV cache (greedy or sampled, streamed)"
@@ -40,6 +41,8 @@ def add_arguments(p) -> None:
     p.add_argument("--repetition-penalty", type=float)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (faster tokens after a "
+                   "20-40 s compile on first use; needs a C++ compiler, else decodes eagerly with a message)")
     spec = p.add_mutually_exclusive_group()
     spec.add_argument("--draft", metavar="DIR", help="speculative decoding with this draft model (same vocabulary); "
                       "greedy output is unchanged, sampled output keeps the model's distribution")
@@ -121,6 +124,8 @@ def run(args) -> int:
             raise LmzooError(f"--ids must be integers separated by spaces: {e}") from e
     model = resolve_model(args.model, args.dtype, args.seed, skip_memory_check=args.skip_memory_check)
     fuse_for_decode(model)  # inference only: fused, GEMV-friendly weights (generate/fastpath.py)
+    if args.compile:
+        compile_for_decode(model)  # generate/compiled.py
     vocab = model.config.vocab_size
     bad = [i for i in ids if not 0 <= i < vocab]
     if bad:

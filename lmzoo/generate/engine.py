@@ -8,7 +8,7 @@ leaves the batch when it stops; ``stream`` keeps yielding the pad token for it, 
 the output stays one rectangular tensor. Sampled rows draw from their own generators, seeded from
 ``generator`` (or torch's global generator) in row order, so the same generator state gives the same
 tokens. The models the pool cannot hold keep their own loops: the prefix decoder (ChatGLM-6B, per-row
-cache state) the static cache loop below, an encoder-decoder whose cross-attention K/V do not fit the
+cache state) and a model with a compiled decode step (``compiled.py``: static shapes) the static cache loop below, an encoder-decoder whose cross-attention K/V do not fit the
 pool's slots ``seq2seq.py``.
 
 ``stream(..., with_logits=True)`` also yields each step's (B, V) float32 logits as the model gave them
@@ -65,7 +65,8 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
     if enc_dec and (with_logits or all_done is not None):
         raise LmzooError("generate: with_logits and all_done are for decoder-only models; an encoder-decoder "
                          "streams ids only")
-    paged = pageable(model)  # the serving engine can hold its cache
+    step = getattr(model, "decode_step", None)  # compiled.py: a compiled forward runs the static-cache loop
+    paged = pageable(model) and step is None  # the serving engine can hold its cache
     if enc_dec and not paged:  # cross-attention K/V the pool cannot hold: seq2seq.py's own loop
         yield from stream_seq2seq(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                   do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -104,8 +105,8 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_mask = input_ids, mask
     for _ in range(max_new_tokens):
-        logits = model(step_ids, attention_mask=step_mask if not bool(mask.all()) else None, cache=cache,
-                       logits_to_keep=1).logits
+        logits = (step or model)(step_ids, attention_mask=step_mask if not bool(mask.all()) else None, cache=cache,
+                                 logits_to_keep=1).logits
         raw = logits[:, -1].float()  # (B, V)
         nxt = choose(process_logits(raw, seen, proc), proc, generator)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
