@@ -31,6 +31,29 @@ from torch import nn
 RECOMPILE_LIMIT = 256
 
 
+def cache_bucket(n: int, limit: int | None) -> int:
+    """The static cache length for ``n`` tokens on a compiled model: the next power of two from 256, at most
+    the context ``limit``. The cache's length is part of the compiled graph's guards; rounding it keeps calls
+    with other prompt or output lengths on the graphs already compiled (one more, made dynamic, at most)."""
+    size = 256
+    while size < n:
+        size *= 2
+    return max(n, min(size, limit)) if limit else size
+
+
+def mark_dynamic(ids, mask, cache) -> None:
+    """Compile the prefill and the cache for any length from the start (else each new prompt length or cache
+    size recompiles once before dynamo generalises, ~15 s each): the prompt's length and the cache buffers'
+    ``max_len`` are marked dynamic (``maybe_``: a model whose code needs a concrete length keeps it)."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    for t in (ids, mask):
+        if t is not None and t.shape[1] > 1:
+            maybe_mark_dynamic(t, 1)
+    for t in list(getattr(cache, "k", [])) + list(getattr(cache, "v", [])):
+        maybe_mark_dynamic(t, 2)
+
+
 def compiler_available() -> tuple[bool, str]:
     """(True, compiler path) when inductor's CPU backend can build its C++ kernels; else (False, why)."""
     try:

@@ -26,6 +26,7 @@ from torch import nn
 from lmzoo.errors import LmzooError
 from lmzoo.generate.sampling import LogitsProcessor, choose, process_logits
 from lmzoo.generate.beam import beam_search
+from lmzoo.generate.compiled import cache_bucket, mark_dynamic
 from lmzoo.generate.paged import pageable
 from lmzoo.generate.requests import SamplingParams, is_sharded
 from lmzoo.generate.seq2seq import decoder_start, stream_seq2seq
@@ -100,7 +101,9 @@ def _stream(model, input_ids, attention_mask, *, max_new_tokens, do_sample, temp
                                  pad=pad, generator=generator, with_logits=with_logits, all_done=all_done,
                                  context=limit or T + 1 + max_new_tokens, decoder_start=decoder_start_token_id)
         return
-    cache = model.new_cache(B, T + max_new_tokens)
+    cache = model.new_cache(B, T + max_new_tokens if step is None else cache_bucket(T + max_new_tokens, limit))
+    if step is not None:
+        mark_dynamic(input_ids, mask, cache)
     seen = input_ids
     done = torch.zeros(B, dtype=torch.bool, device=device)
     step_ids, step_mask = input_ids, mask

@@ -43,7 +43,7 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the new (B, Hkv, T, D) keys/values after the cached ones; return all of them."""
         start, t = self.length, k.shape[2]
-        if start + t > self.max_len:
+        if start + t > self.k[layer].shape[2]:  # the buffer's size, not max_len: a compiled step keeps it symbolic
             raise LmzooError(
                 f"KV cache is full: {start} cached + {t} new tokens > max_len {self.max_len}"
             )

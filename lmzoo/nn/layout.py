@@ -107,7 +107,7 @@ class CausalPositions(PositionScheme):
                 q_pos = torch.arange(step.past, step.k_len, device=step.device)[None]  # (1, Tq)
         inp = AttnInputs(cache=step.cache, mask=self.mask(step))
         if inp.mask is None and step.q_len > 1:
-            inp.is_causal = step.past == 0
+            inp.is_causal = True if step.past == 0 else False  # a branch: a compiled step's symbolic past would give a SymBool
             if step.past:  # several new queries after cached keys: the causal diagonal is offset
                 inp.mask = build_mask("causal", step.q_len, step.k_len, device=step.device)
         if step.padded:
