@@ -9,7 +9,13 @@ default F16 cache costs about 1e-2 of logit precision), and closed before the ch
     logits(path, ids)                   -> np.ndarray (len(ids), n_vocab), float32
     greedy(path, ids, n)                -> the n argmax ids that follow ``ids``
     decode_speed(path, ids, n, n_threads) -> {"tokens_per_s", "seconds", "n_new", "n_prompt", "n_threads"}
+    seq2seq_logits(path, enc, dec)      -> np.ndarray (len(dec), n_vocab): an encoder-decoder (T5) file
+    seq2seq_greedy(path, enc, n)        -> the n argmax ids after the decoder start token
     run(path, ops)                      -> one child, several of the above (one load)
+
+The binding's ``Llama`` class only decodes; for an encoder-decoder the ``seq2seq_*`` ops call
+llama.cpp's ``llama_encode`` on the source ids, then ``llama_decode`` on the decoder ids, which
+attend to that encoding (cross-attention), through the low-level API on the same loaded model.
 
 When ``import llama_cpp`` fails (in the child), every call raises ``LlamaCppUnavailable``, whose
 message starts with "llama.cpp unavailable: ".
@@ -68,6 +74,20 @@ def decode_speed(path, ids: list[int], n: int, n_threads: int = 2, **kw) -> dict
     return run(path, [{"op": "decode_speed", "ids": [int(i) for i in ids], "n": int(n)}], n_threads=n_threads, **kw)[0]
 
 
+def seq2seq_logits(path, encoder_ids: list[int], decoder_ids: list[int], **kw) -> np.ndarray:
+    """(len(decoder_ids), n_vocab) float32 decoder logits of an encoder-decoder file, the encoder run on
+    ``encoder_ids``."""
+    op = {"op": "seq2seq_logits", "encoder_ids": [int(i) for i in encoder_ids],
+          "decoder_ids": [int(i) for i in decoder_ids]}
+    return _unpack(run(path, [op], **kw)[0])
+
+
+def seq2seq_greedy(path, encoder_ids: list[int], n: int, **kw) -> list[int]:
+    """The ``n`` ids greedy decoding writes after the file's decoder start token
+    (``<arch>.decoder_start_token_id``)."""
+    return run(path, [{"op": "seq2seq_greedy", "encoder_ids": [int(i) for i in encoder_ids], "n": int(n)}], **kw)[0]
+
+
 def _unpack(d: dict) -> np.ndarray:
     return np.frombuffer(base64.b64decode(d["data"]), dtype=np.float32).reshape(d["shape"])
 
@@ -112,6 +132,8 @@ def _op(llm, op: dict):
     kind = op["op"]
     if kind == "tokenize":
         return [llm.tokenize(t.encode("utf-8"), add_bos=op["add_bos"], special=op["special"]) for t in op["texts"]]
+    if kind in ("seq2seq_logits", "seq2seq_greedy"):
+        return _seq2seq(llm, op)
     llm.reset()
     if kind == "logits":
         llm.eval(op["ids"])
@@ -131,6 +153,36 @@ def _op(llm, op: dict):
         return {"tokens_per_s": op["n"] / seconds, "seconds": seconds, "n_new": op["n"], "n_prompt": len(op["ids"]),
                 "n_threads": op["n_threads"]}
     raise ValueError(f"unknown op {kind!r}")
+
+
+def _seq2seq(llm, op: dict):
+    import llama_cpp
+
+    ctx, model, batch, n_vocab = llm._ctx.ctx, llm._model.model, llm._batch, llm.n_vocab()
+    if not llama_cpp.llama_model_has_encoder(model):
+        raise ValueError(f"{op['op']}: the model has no encoder")
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+
+    def step(fn, ids, past, every):  # every: logits for every position, else the last only
+        batch.set_batch(ids, n_past=past, logits_all=every)
+        if fn(ctx, batch.batch) != 0:
+            raise RuntimeError(f"{fn.__name__} failed on {len(ids)} tokens")
+
+    step(llama_cpp.llama_encode, op["encoder_ids"], 0, True)
+    if op["op"] == "seq2seq_logits":
+        dec = op["decoder_ids"]
+        step(llama_cpp.llama_decode, dec, 0, True)
+        scores = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(len(dec), n_vocab))  # llama.cpp's buffer
+        return {"shape": list(scores.shape), "data": base64.b64encode(scores.tobytes()).decode()}
+    start = llama_cpp.llama_model_decoder_start_token(model)
+    ids = [start if start >= 0 else llama_cpp.llama_vocab_bos(llama_cpp.llama_model_get_vocab(model))]
+    out = []
+    for _ in range(op["n"]):
+        step(llama_cpp.llama_decode, ids[-1:], len(ids) - 1, False)
+        last = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        ids.append(int(np.argmax(last)))
+        out.append(ids[-1])
+    return out
 
 
 def main() -> int:

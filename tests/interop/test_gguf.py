@@ -163,12 +163,14 @@ def test_llamacpp_q8_0_close_to_rounded_weights(setup, llamacpp):
 
 # -- bad input --------------------------------------------------------------------------------------
 def test_unsupported_architecture_type_and_tokenizer_leave_no_file(setup, tmp_path):
-    from lmzoo.models.gpt2.config import GPT2Config
+    from lmzoo.models.chatglm.config import ChatGLMConfig  # ChatGLM-6B (v1): llama.cpp has no architecture for it
 
-    gpt2 = lmzoo.build(GPT2Config(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_positions=32))
+    glm = lmzoo.build(ChatGLMConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, d_ff=64, max_positions=32,
+                                    bos_token_id=60, eos_token_id=61, pad_token_id=3, mask_token_id=62,
+                                    gmask_token_id=63))
     out = tmp_path / "x.gguf"
-    with pytest.raises(ConfigError, match=r"^gguf export: architecture gpt2 is not supported yet \(supported: llama\)$"):
-        export_gguf(gpt2, None, out)
+    with pytest.raises(ConfigError, match=r"^gguf export: architecture chatglm is not supported yet \(supported: .*llama"):
+        export_gguf(glm, None, out)
     with pytest.raises(ConfigError, match="unsupported type 'q3_k'"):
         export_gguf(setup["model"], setup["tok"], out, type="q3_k")
     wp = lmzoo.train_tokenizer("wordpiece", texts=TEXTS, vocab_size=200)
@@ -185,7 +187,7 @@ def test_cli(setup, tmp_path, capsys):
     assert tok is not None and model.config.n_layers == 2
     for argv, what in ((["--model", str(tmp_path / "nope")], "neither a directory nor a preset"),
                        (["--model", str(src), "--type", "q9"], "unsupported --type 'q9'"),
-                       (["--model", "gpt2"], "architecture gpt2 is not supported yet")):
+                       (["--model", "chatglm-6b"], "architecture chatglm is not supported yet")):
         assert main(["export", "gguf", *argv, "--out", str(tmp_path / "bad.gguf")]) == 1
         err = capsys.readouterr().err
         assert what in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -23,4 +23,5 @@ FAMILY = Family(
     objective="span corruption: sentinels replace spans in the input, the decoder writes the spans",
     inputs="token embeddings only; positions enter as a bucketed relative bias on the attention scores",
     resolve=resolve,
+    gguf="lmzoo.models.t5.gguf",
 )
