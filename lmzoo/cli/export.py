@@ -1,5 +1,6 @@
 """Export a checkpoint to another runtime's file format: ``lmzoo export gguf`` writes one GGUF file
-that llama.cpp, Ollama and transformers' GGUF loader read (LLaMA family; docs/gguf.md).
+that llama.cpp, Ollama and transformers' GGUF loader read (LLaMA, GPT-2, Bloom, ChatGLM2/3/GLM-4,
+DeepSeek-V2, T5; docs/gguf.md).
 
 The directory's tokenizer goes into the file when there is one (byte-level BPE, sp-bpe, SentencePiece);
 without it the file holds the weights only. f32/f16/bf16 keep the weights; q8_0, q4_0, q4_1, q5_0 and
@@ -21,7 +22,7 @@ def add_arguments(p) -> None:
     from lmzoo.interop.gguf import TYPES
 
     sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    g = sub.add_parser("gguf", help="one .gguf file (LLaMA family)", description=__doc__)
+    g = sub.add_parser("gguf", help="one .gguf file (llama, gpt2, bloom, chatglm2, deepseek_v2, t5)", description=__doc__)
     add_model_argument(g)
     g.add_argument("--out", required=True, help="the .gguf file to write")
     g.add_argument("--type", default="f32", help=f"{' | '.join(TYPES)} (default f32)")

@@ -16,9 +16,10 @@ This file is the part every architecture shares; what differs lives with the fam
 What is shared:
 
 - Types. f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 (``gguf.quants``, pure numpy). 1-D tensors
-  and every ``*_norm.weight`` stay F32, as in the converter. A matrix whose rows do not split into
-  the quant's 32-element blocks raises ``gguf.QuantError`` and falls back to F16, as the converter
-  does ("falling back to F16"); ``export_gguf`` returns which tensors fell back.
+  and every ``*_norm.weight`` (and MoE routers, ``ffn_gate_inp``) stay F32, as in the converter.
+  A matrix whose rows do not split into the quant's 32-element blocks raises ``gguf.QuantError`` and
+  falls back to F16, as the converter does ("falling back to F16"); ``export_gguf`` returns which
+  tensors fell back.
 - The tokenizer travels in the file (lmzoo/interop/gguf_vocab.py).
 - Writes are atomic: a temporary file beside the target, renamed when complete; every check
   (architecture, type, tokenizer) runs before it is opened.
@@ -58,8 +59,8 @@ def check_architecture(family: str) -> str:
     """The GGUF architecture of the lmzoo family ``family``; one clear error when it cannot be exported."""
     spec = specs().get(family)
     if spec is None:
-        raise ConfigError(f"gguf export: architecture {family} is not supported yet (supported: "
-                          f"{', '.join(sorted(specs()))})")
+        raise ConfigError(f"gguf export: the lmzoo family {family} has no llama.cpp architecture to export to "
+                          f"(exportable families: {', '.join(sorted(specs()))})")
     return spec.ARCH
 
 
@@ -109,7 +110,9 @@ def tensor_type(name: str, t: torch.Tensor, type: str):
     g = _gguf()
     qtype, _ = _qtype(type)
     data = t.numpy()
-    if data.ndim <= 1 or name.endswith("_norm.weight"):
+    if data.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name:  # MoE routers too
+        qtype = g.GGMLQuantizationType.F32
+    if name == "position_embd.weight":  # learned position tables too (the converter's POS_EMBD rule)
         qtype = g.GGMLQuantizationType.F32
     try:
         return qtype, g.quants.quantize(data, qtype)

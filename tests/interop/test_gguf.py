@@ -169,7 +169,7 @@ def test_unsupported_architecture_type_and_tokenizer_leave_no_file(setup, tmp_pa
                                     bos_token_id=60, eos_token_id=61, pad_token_id=3, mask_token_id=62,
                                     gmask_token_id=63))
     out = tmp_path / "x.gguf"
-    with pytest.raises(ConfigError, match=r"^gguf export: architecture chatglm is not supported yet \(supported: .*llama"):
+    with pytest.raises(ConfigError, match=r"^gguf export: the lmzoo family chatglm has no llama.cpp architecture to export to \(exportable families: bloom, chatglm2, deepseek_v2, gpt2, llama, t5\)$"):
         export_gguf(glm, None, out)
     with pytest.raises(ConfigError, match="unsupported type 'q3_k'"):
         export_gguf(setup["model"], setup["tok"], out, type="q3_k")
@@ -187,7 +187,7 @@ def test_cli(setup, tmp_path, capsys):
     assert tok is not None and model.config.n_layers == 2
     for argv, what in ((["--model", str(tmp_path / "nope")], "neither a directory nor a preset"),
                        (["--model", str(src), "--type", "q9"], "unsupported --type 'q9'"),
-                       (["--model", "chatglm-6b"], "architecture chatglm is not supported yet")):
+                       (["--model", "chatglm-6b"], "the lmzoo family chatglm has no llama.cpp architecture")):
         assert main(["export", "gguf", *argv, "--out", str(tmp_path / "bad.gguf")]) == 1
         err = capsys.readouterr().err
         assert what in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err

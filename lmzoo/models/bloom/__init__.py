@@ -13,4 +13,5 @@ FAMILY = Family(
     description="ALiBi, embedding LayerNorm, tanh-GeLU MLP, per-head fused QKV",
     tokenizer="byte-level BPE", objective="next-token prediction (causal LM)",
     inputs="token embeddings + LayerNorm; ALiBi biases the attention scores",
+    gguf="lmzoo.models.bloom.gguf",
 )

@@ -14,4 +14,5 @@ FAMILY = Family(
     chat_template="chatglm2",  # ChatGLM3 checkpoints carry <|user|> <|assistant|>, which name chatglm3
     tokenizer="SentencePiece BPE", objective="next-token prediction (GLM's hybrid objective, causal attention)",
     inputs="token embeddings; RoPE on half of each head",
+    gguf="lmzoo.models.chatglm2.gguf",
 )

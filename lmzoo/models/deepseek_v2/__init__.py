@@ -18,4 +18,5 @@ FAMILY = Family(
     tokenizer="byte-level BPE",
     objective="next-token prediction (causal LM) + expert-level balance loss",
     inputs="token embeddings; RoPE rotates only the decoupled 64-wide part of q and k",
+    gguf="lmzoo.models.deepseek_v2.gguf",
 )

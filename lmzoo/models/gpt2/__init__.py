@@ -13,4 +13,5 @@ FAMILY = Family(
     description="learned positions, LayerNorm, GeLU MLP, tied head",
     tokenizer="byte-level BPE", objective="next-token prediction (causal LM)",
     inputs="token + learned absolute position embeddings",
+    gguf="lmzoo.models.gpt2.gguf",
 )
