@@ -40,8 +40,12 @@ def run(args) -> int:
     check_architecture(fam.name)
     model = resolve_model(args.model, "float32", args.seed, skip_memory_check=args.skip_memory_check)
     tok = lmzoo.load_tokenizer(args.model) if Path(args.model).is_dir() and find_tokenizer(args.model) else None
-    written = export_gguf(model, tok, args.out, type=args.type)
+    kept: dict[str, bool] = {}
+    written = export_gguf(model, tok, args.out, type=args.type, kept=kept)
     fell_back = sum(t == "F16" for t in written.values()) if args.type.startswith("q") else 0
     note = f"; {fell_back} tensors F16: rows not a multiple of 32" if fell_back else ""
+    if kept:
+        note += (f"; {sum(kept.values())} of {len(kept)} quantized tensors written with their own codes and "
+                 "scales (no second rounding), the rest re-quantized from the weights they compute")
     print(f"wrote {args.out} ({args.type}, {len(written)} tensors, {'with' if tok else 'without'} tokenizer{note})")
     return 0

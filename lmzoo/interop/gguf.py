@@ -125,22 +125,31 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     return _spec_of_model(model).tensors(model)
 
 
-def export_gguf(model, tokenizer, path, type: str = "f32") -> dict[str, str]:
+def export_gguf(model, tokenizer, path, type: str = "f32", kept: dict | None = None) -> dict[str, str]:
     """Write ``model`` (an lmzoo model of an exportable family) and ``tokenizer`` (an ``lmzoo.Tokenizer``
     or None) to ``path``.
 
-    Returns {tensor name: GGML type name} of what was written. Every check (architecture, type,
-    tokenizer) runs before the file is opened; the file appears only when complete."""
+    Returns {tensor name: GGML type name} of what was written. A quantized model (``lmzoo.quantize``,
+    a GPTQ/AWQ checkpoint) is written as the weights it computes with; ``kept``, when given, is filled
+    with {tensor name: True} for the tensors whose codes and scales went into GGUF blocks as they are
+    (no second rounding: lmzoo/interop/gguf_blocks.py) and False for those re-quantized. Every check
+    (architecture, type, tokenizer) runs before the file is opened; the file appears only when complete."""
+    from lmzoo.interop.gguf_blocks import exact_blocks, split_quantized
     from lmzoo.interop.gguf_vocab import vocab_writer
 
     g = _gguf()
     spec = _spec_of_model(model)
-    if getattr(model, "quantization_config", None) or getattr(model, "decode_fused", False):
-        raise ConfigError("gguf export: export the float model (before lmzoo.quantize or fuse_for_decode)")
+    if getattr(model, "decode_fused", False):
+        raise ConfigError("gguf export: export the model as loaded (before fuse_for_decode)")
     spec.check(model)
     _, file_type = _qtype(type)
     vocab = (vocab_writer(tokenizer, model.config.vocab_size, getattr(spec, "BPE_PRE", "gpt-2"))
              if tokenizer is not None else None)
+    codes = scales = {}
+    if getattr(model, "quantization_config", None):
+        model, cm, sm = split_quantized(model)
+        if cm is not None:
+            codes, scales = spec.tensors(cm), spec.tensors(sm)
     tensors = spec.tensors(model)
     path = Path(path)
     if not path.parent.is_dir():
@@ -155,7 +164,13 @@ def export_gguf(model, tokenizer, path, type: str = "f32") -> dict[str, str]:
         if vocab is not None:
             vocab(w)
         for name, t in tensors.items():
-            qtype, data = tensor_type(name, t, type)
+            raw = exact_blocks(codes[name], scales[name], type) if name in codes else None
+            if raw is not None:
+                qtype, data = _qtype(type)[0], raw
+            else:
+                qtype, data = tensor_type(name, t, type)
+            if name in codes and not torch.isnan(codes[name]).any() and kept is not None:
+                kept[name] = raw is not None
             w.add_tensor(name, data, raw_dtype=qtype)
             written[name] = qtype.name
         w.write_header_to_file()

@@ -161,6 +161,24 @@ def test_llamacpp_q8_0_close_to_rounded_weights(setup, llamacpp):
     assert diff <= 0.05
 
 
+def test_quantized_model_keeps_its_codes_where_blocks_allow(setup, tmp_path):
+    """RTN symmetric 8-bit / 4-bit in groups of 32 map onto Q8_0 / Q4_0 blocks as they are: the file holds
+    exactly the weights the quantized model computes with. Asymmetric 8-bit cannot (q - z leaves int8):
+    re-quantized, so within one step of its values, not equal."""
+    from lmzoo.quant.linear import QuantLinear
+
+    for bits, sym, type, exact in ((8, True, "q8_0", True), (4, True, "q4_0", True), (8, False, "q8_0", False)):
+        q = lmzoo.quantize(copy.deepcopy(setup["model"]), "rtn", bits=bits, group_size=32, sym=sym)
+        kept = {}
+        export_gguf(q, None, tmp_path / "q.gguf", type=type, kept=kept)
+        sd = read_gguf(tmp_path / "q.gguf")[0].state_dict()
+        diff = max((sd[n + ".weight"] - m.dequantize()).abs().max().item()
+                   for n, m in q.named_modules() if isinstance(m, QuantLinear))
+        print(f"RTN {bits}-bit sym={sym} -> {type}: {sum(kept.values())}/{len(kept)} kept, max|Δw| {diff:.1e}")
+        assert len(kept) == 14 and all(kept.values()) == exact and not any(kept.values()) != exact
+        assert (diff == 0) if exact else (0 < diff < 2e-3)
+
+
 # -- bad input --------------------------------------------------------------------------------------
 def test_unsupported_architecture_type_and_tokenizer_leave_no_file(setup, tmp_path):
     from lmzoo.models.chatglm.config import ChatGLMConfig  # ChatGLM-6B (v1): llama.cpp has no architecture for it
