@@ -104,6 +104,67 @@ def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, hd // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)  # (nh, 2, hd/2, ...)
 
 
+class TensorNames:
+    """Both ways between lmzoo's tensor names and llama.cpp's, from a family's two tables: ``top``
+    (whole names: ``embed.weight`` -> ``token_embd.weight``) and ``layer`` (module paths inside a layer:
+    ``layers.{i}.attn.o_proj.<kind>`` <-> ``blk.{i}.attn_output.<kind>``, kind = weight or bias)."""
+
+    def __init__(self, arch: str, top: dict[str, str], layer: dict[str, str]):
+        self.arch, self.top, self.layer = arch, top, layer
+        self.top_back, self.layer_back = {v: k for k, v in top.items()}, {v: k for k, v in layer.items()}
+
+    def gguf(self, name: str) -> str:
+        if name in self.top:
+            return self.top[name]
+        parts = name.split(".")  # layers.{i}.<module path>.<weight|bias>
+        module = ".".join(parts[2:-1])
+        if parts[0] == "layers" and module in self.layer:
+            return f"blk.{parts[1]}.{self.layer[module]}.{parts[-1]}"
+        raise CheckpointError(f"gguf export: no llama.cpp name for the lmzoo tensor {name!r}")
+
+    def lmzoo(self, name: str) -> str:
+        if name in self.top_back:
+            return self.top_back[name]
+        parts = name.split(".")  # blk.{i}.<name>.<weight|bias>
+        if parts[0] == "blk" and len(parts) == 4 and parts[2] in self.layer_back:
+            return f"layers.{parts[1]}.{self.layer_back[parts[2]]}.{parts[3]}"
+        raise CheckpointError(f"unknown GGUF tensor {name!r} for {self.arch}")
+
+
+def fused_qkv_tensors(model, names: TensorNames, qkv: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """llama.cpp name -> float32 tensor, each layer's ``qkv`` projections concatenated into ``attn_qkv``
+    rows [q; k; v] (weight and bias, as llama.cpp's ``build_qkv`` views them); no ``output`` when tied."""
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out = {}
+    for name, t in state.items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        parts = name.split(".")
+        if parts[0] == "layers" and ".".join(parts[2:-1]) in qkv:
+            if ".".join(parts[2:-1]) == qkv[0]:  # written once per layer and kind, from all three
+                i, kind = parts[1], parts[-1]
+                out[f"blk.{i}.attn_qkv.{kind}"] = torch.cat([state[f"layers.{i}.{p}.{kind}"] for p in qkv])  # (3d, ...)
+            continue
+        out[names.gguf(name)] = t
+    return out
+
+
+def split_qkv_state(tensors: dict[str, torch.Tensor], cfg, names: TensorNames, qkv: tuple[str, ...]):
+    """lmzoo state dict from llama.cpp's float32 tensors, ``attn_qkv`` split back into the ``qkv`` projections."""
+    out = {}
+    for name, w in tensors.items():
+        parts = name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] == "attn_qkv":
+            if w.shape[0] != 3 * cfg.d_model:
+                raise CheckpointError(f"GGUF tensor {name!r} has shape {tuple(w.shape)}; expected "
+                                      f"({3 * cfg.d_model}, ...) = q|k|v of {cfg.n_heads} heads")
+            for proj, part in zip(qkv, w.chunk(3, dim=0)):  # (d, d) or (d,) each
+                out[f"layers.{parts[1]}.{proj}.{parts[3]}"] = part.contiguous()
+            continue
+        out[names.lmzoo(name)] = w
+    return out
+
+
 def tensor_type(name: str, t: torch.Tensor, type: str):
     """(GGML type, data as numpy) of one tensor, with the converter's rules: 1-D and norms F32,
     a row that does not split into whole quant blocks F16."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.interop.gguf import TensorNames
 
 ARCH = "chatglm"
 BPE_PRE = "gpt-2"
@@ -88,13 +89,7 @@ def metadata(w, cfg) -> None:
         w.add_rope_scaling_factor(float(cfg.rope.scaling["factor"]))
 
 
-def gguf_name(name: str) -> str:
-    if name in TOP:
-        return TOP[name]
-    parts = name.split(".")  # layers.{i}.<module path>.<weight|bias>
-    if parts[0] == "layers" and ".".join(parts[2:-1]) in LAYER:
-        return f"blk.{parts[1]}.{LAYER['.'.join(parts[2:-1])]}.{parts[-1]}"
-    raise CheckpointError(f"gguf export: no llama.cpp name for the lmzoo tensor {name!r}")
+NAMES = TensorNames(ARCH, TOP, LAYER)
 
 
 def tensors(model) -> dict[str, torch.Tensor]:
@@ -115,7 +110,7 @@ def tensors(model) -> dict[str, torch.Tensor]:
     for name, t in sd.items():
         if name in fused or (cfg.tie_embeddings and name == "lm_head.weight"):
             continue
-        out[gguf_name(name)] = t
+        out[NAMES.gguf(name)] = t
     return out
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lmzoo.errors import CheckpointError, ConfigError
+from lmzoo.interop.gguf import TensorNames, fused_qkv_tensors, split_qkv_state
 
 ARCH = "gpt2"
 BPE_PRE = "gpt-2"
@@ -68,44 +69,12 @@ def metadata(w, cfg) -> None:
     w.add_vocab_size(cfg.vocab_size)
 
 
-def gguf_name(name: str) -> str:
-    if name in TOP:
-        return TOP[name]
-    parts = name.split(".")  # layers.{i}.<module path>.<weight|bias>
-    module = ".".join(parts[2:-1])
-    if parts[0] == "layers" and module in LAYER:
-        return f"blk.{parts[1]}.{LAYER[module]}.{parts[-1]}"
-    raise CheckpointError(f"gguf export: no llama.cpp name for the lmzoo tensor {name!r}")
-
-
-def lmzoo_name(name: str) -> str:
-    back = {v: k for k, v in TOP.items()}
-    if name in back:
-        return back[name]
-    inv = {v: k for k, v in LAYER.items()}
-    parts = name.split(".")  # blk.{i}.<name>.<weight|bias>
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in inv:
-        return f"layers.{parts[1]}.{inv[parts[2]]}.{parts[3]}"
-    raise CheckpointError(f"unknown GGUF tensor {name!r} for {ARCH}")
+NAMES = TensorNames(ARCH, TOP, LAYER)
 
 
 def tensors(model) -> dict[str, torch.Tensor]:
     """llama.cpp name -> float32 tensor: q|k|v concatenated into ``attn_qkv``; no ``output`` when tied."""
-    cfg = model.config
-    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out = {}
-    for name, t in state.items():
-        if name == "lm_head.weight" and cfg.tie_embeddings:
-            continue
-        parts = name.split(".")
-        if parts[0] == "layers" and ".".join(parts[2:-1]) in QKV:
-            if parts[3] == "q_proj":  # written once per layer and kind, from all three
-                i, kind = parts[1], parts[-1]
-                out[f"blk.{i}.attn_qkv.{kind}"] = torch.cat(
-                    [state[f"layers.{i}.{p}.{kind}"] for p in QKV], dim=0)  # (3d, d) or (3d,)
-            continue
-        out[gguf_name(name)] = t
-    return out
+    return fused_qkv_tensors(model, NAMES, QKV)
 
 
 def config(f, shapes: dict):
@@ -138,15 +107,4 @@ def _f32(x) -> float:
 
 def state(tensors: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     """lmzoo state dict from llama.cpp's float32 tensors: ``attn_qkv`` split back into q, k and v."""
-    out = {}
-    for name, w in tensors.items():
-        parts = name.split(".")
-        if len(parts) == 4 and parts[0] == "blk" and parts[2] == "attn_qkv":
-            if w.shape[0] != 3 * cfg.d_model:
-                raise CheckpointError(f"GGUF tensor {name!r} has shape {tuple(w.shape)}; expected "
-                                      f"({3 * cfg.d_model}, ...) = q|k|v of {cfg.n_heads} heads")
-            for proj, part in zip(QKV, w.chunk(3, dim=0)):  # (d, d) or (d,) each
-                out[f"layers.{parts[1]}.{proj}.{parts[3]}"] = part.contiguous()
-            continue
-        out[lmzoo_name(name)] = w
-    return out
+    return split_qkv_state(tensors, cfg, NAMES, QKV)

@@ -15,7 +15,7 @@ import math
 import torch
 
 from lmzoo.errors import ConfigError
-from lmzoo.interop.gguf import permute_rotary, unpermute_rotary
+from lmzoo.interop.gguf import TensorNames, permute_rotary, unpermute_rotary
 
 ARCH = "llama"
 
@@ -83,28 +83,7 @@ def llama3_rope_factors(cfg) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float32)
 
 
-def gguf_name(name: str) -> str:
-    from lmzoo.errors import CheckpointError
-
-    if name in TOP:
-        return TOP[name]
-    parts = name.split(".")  # layers.{i}.<module path>.<weight|bias>
-    if parts[0] == "layers" and ".".join(parts[2:-1]) in LAYER:
-        return f"blk.{parts[1]}.{LAYER['.'.join(parts[2:-1])]}.{parts[-1]}"
-    raise CheckpointError(f"gguf export: no llama.cpp name for the lmzoo tensor {name!r}")
-
-
-def lmzoo_name(name: str) -> str:
-    from lmzoo.errors import CheckpointError
-
-    back = {v: k for k, v in TOP.items()}
-    if name in back:
-        return back[name]
-    inv = {v: k for k, v in LAYER.items()}
-    parts = name.split(".")  # blk.{i}.<name>.<weight|bias>
-    if parts[0] == "blk" and len(parts) == 4 and parts[2] in inv:
-        return f"layers.{parts[1]}.{inv[parts[2]]}.{parts[3]}"
-    raise CheckpointError(f"unknown GGUF tensor {name!r} for {ARCH}")
+NAMES = TensorNames(ARCH, TOP, LAYER)
 
 
 def tensors(model) -> dict[str, torch.Tensor]:
@@ -120,7 +99,7 @@ def tensors(model) -> dict[str, torch.Tensor]:
                 t = permute_rotary(t, cfg.n_heads)
             elif ".attn.k_proj." in name:
                 t = permute_rotary(t, cfg.n_kv_heads)
-        out[gguf_name(name)] = t
+        out[NAMES.gguf(name)] = t
     if cfg.rope.scaling_type == "llama3":
         out["rope_freqs.weight"] = llama3_rope_factors(cfg)
     return out
@@ -166,5 +145,5 @@ def state(tensors: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
             w = unpermute_rotary(w, cfg.n_heads)
         elif ".attn_k." in name:
             w = unpermute_rotary(w, cfg.n_kv_heads)
-        out[lmzoo_name(name)] = w
+        out[NAMES.lmzoo(name)] = w
     return out

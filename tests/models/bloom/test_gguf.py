@@ -283,7 +283,7 @@ def test_refused_before_writing(setup, tmp_path):
         export_gguf(small, tok, out)
     assert os.listdir(tmp_path) == []
     with pytest.raises(CheckpointError, match="no llama.cpp name for the lmzoo tensor 'layers.0.attn.rotary.weight'"):
-        bloom_gguf.gguf_name("layers.0.attn.rotary.weight")
+        bloom_gguf.NAMES.gguf("layers.0.attn.rotary.weight")
     with pytest.raises(CheckpointError, match="unknown GGUF tensor 'blk.0.attn_q.weight' for bloom"):
         bloom_gguf.state({"blk.0.attn_q.weight": torch.zeros(4, 4)}, setup["untied4"]["model"].config)
 

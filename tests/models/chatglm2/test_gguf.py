@@ -321,7 +321,7 @@ def test_configs_llamacpp_cannot_run_are_refused_before_writing(setup, tmp_path)
 
 def test_unknown_names_fail_loudly(setup, tmp_path):
     with pytest.raises(CheckpointError, match="no llama.cpp name for the lmzoo tensor 'layers.0.attn.rope.x'"):
-        glm_gguf.gguf_name("layers.0.attn.rope.x")
+        glm_gguf.NAMES.gguf("layers.0.attn.rope.x")
     f = rewrite(setup["mqa"]["files"]["f32"], tmp_path / "extra.gguf",
                 extra={"blk.0.attn_rot_embd.weight": np.zeros(4, np.float32)})
     with pytest.raises(CheckpointError, match="unknown GGUF tensor 'blk.0.attn_rot_embd.weight' for chatglm"):

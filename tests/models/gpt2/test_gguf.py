@@ -227,7 +227,7 @@ def test_configs_llamacpp_cannot_run_are_refused_before_writing(setup, tmp_path)
     with pytest.raises(ConfigError, match="cannot be expressed in GGUF"):
         export_gguf(setup["tied"]["model"], uni, out)
     with pytest.raises(CheckpointError, match="no llama.cpp name for the lmzoo tensor 'layers.0.attn.rotary.weight'"):
-        gpt2_gguf.gguf_name("layers.0.attn.rotary.weight")
+        gpt2_gguf.NAMES.gguf("layers.0.attn.rotary.weight")
     assert os.listdir(tmp_path) == []
 
 
