@@ -18,21 +18,14 @@ from lmzoo.cli.main import main
 from lmzoo.errors import ConfigError
 from lmzoo.interop.gguf import export_gguf, read_gguf
 from lmzoo.models.llama.config import LlamaConfig
+from tests.gguf_cases import one_thread, TEXTS, EN, ZH, rounded as rounded_copy  # noqa: F401 (one_thread: a fixture)
 from tests.shared_data import need_llamacpp
 
 gguf = pytest.importorskip("gguf")
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a small test of tokenizers.",
-         "我们今天去公园散步，天气很好。", "机器学习是人工智能的一个分支。"] * 20
-EN, ZH = "The lazy fox, quick as a dog, said hello to 12345 worlds!", "今天天气很好，我们去学习人工智能吧。"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +45,8 @@ def setup(tmp_path_factory):
 
 
 def rounded(model, type):
-    """A copy of ``model`` whose matrices went through ``type``'s quantization and back (norms untouched)."""
-    qtype = getattr(gguf.GGMLQuantizationType, type.upper())
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            if p.ndim == 2:
-                q = gguf.quants.quantize(p.numpy().astype(np.float32), qtype)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, qtype).reshape(p.shape).copy()))
-    return out
+    """``model`` as the file rounds it (tests/gguf_cases.py)."""
+    return rounded_copy(model, type)
 
 
 def logits_of(model, ids):

@@ -22,26 +22,20 @@ from lmzoo.errors import CheckpointError, ConfigError
 from lmzoo.interop.gguf import export_gguf, read_gguf
 from lmzoo.models.bloom import gguf as bloom_gguf
 from lmzoo.models.bloom.config import BloomConfig
-from lmzoo.nn.mlp import ACTIVATIONS
 from lmzoo.nn.position import alibi_slopes
+from tests.gguf_cases import one_thread, EN, ZH, rounded as rounded_copy, llamacpp_gelu  # noqa: F401 (one_thread: a fixture)
 from tests.shared_data import need_llamacpp
 
 gguf = pytest.importorskip("gguf")
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a small test of tokenizers.",
          "我们今天去公园散步，天气很好。", "机器学习是人工智能的一个分支。", 'He said "yes." Then: "no!" (maybe).'] * 20
-EN, ZH = "The lazy fox, quick as a dog, said hello to 12345 worlds!", "今天天气很好，我们去学习人工智能吧。"
 QUOTE = 'He said "yes." Then: "no!"'  # GPT-2's split keeps ." and !" whole (merges of them exist); bloom's cuts them
 MODELS = {"tied6": dict(d_model=96, n_heads=6, tie_embeddings=True),
           "untied4": dict(d_model=64, n_heads=4, tie_embeddings=False)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(seed, **kw):
@@ -77,26 +71,13 @@ def logits_of(model, ids):
 
 
 def rounded(model, type):
-    """A copy of ``model`` whose matrices went through ``type``'s quantization and back, in lmzoo's layout:
-    blocks of 32 run along a row and attn_qkv only stacks q, k and v's rows, so the same numbers round."""
-    qtype = getattr(gguf.GGMLQuantizationType, type.upper())
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for _, p in out.named_parameters():
-            if p.ndim == 2:
-                q = gguf.quants.quantize(p.numpy().astype(np.float32), qtype)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, qtype).reshape(p.shape).copy()))
-    return out
+    """``model`` as the file rounds it (tests/gguf_cases.py)."""
+    return rounded_copy(model, type)
 
 
 def fp16_gelu(model):
     """A copy whose GELU is llama.cpp's CPU one: F16 table of the F16-rounded input, exact past |x| >= 10."""
-    gelu, out = ACTIVATIONS["gelu_tanh"], copy.deepcopy(model)
-
-    def act(x):
-        y = gelu(x.half().float()).half().float()
-        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
-
+    act, out = llamacpp_gelu("gelu_tanh"), copy.deepcopy(model)
     for m in out.modules():
         if getattr(m, "act_name", None) == "gelu_tanh":
             m.act = act

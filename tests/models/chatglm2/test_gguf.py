@@ -25,13 +25,11 @@ from lmzoo.interop.gguf import export_gguf, read_gguf
 from lmzoo.models.chatglm2 import gguf as glm_gguf
 from lmzoo.models.chatglm2.config import PRESETS, ChatGLM2Config
 from lmzoo.nn.position import RopeConfig
+from tests.gguf_cases import one_thread, TEXTS, EN, ZH, rounded as rounded_copy  # noqa: F401 (one_thread: a fixture)
 from tests.shared_data import need_llamacpp
 
 gguf = pytest.importorskip("gguf")
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a small test of tokenizers.",
-         "我们今天去公园散步，天气很好。", "机器学习是人工智能的一个分支。"] * 20
-EN, ZH = "The lazy fox, quick as a dog, said hello to 12345 worlds!", "今天天气很好，我们去学习人工智能吧。"
 SMALL = dict(vocab_size=320, d_model=64, n_layers=2, n_heads=4, head_dim=16, d_ff=96, max_positions=128)
 KINDS = {"gqa": dict(n_kv_heads=2, attention_bias=True, tie_embeddings=False,
                      rope=RopeConfig(theta=10000.0 * 500, rotary_fraction=0.5, interleaved=True)),
@@ -40,12 +38,7 @@ KINDS = {"gqa": dict(n_kv_heads=2, attention_bias=True, tie_embeddings=False,
                                      scaling={"factor": 4.0}))}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(kind, seed):
@@ -81,16 +74,8 @@ def logits_of(model, ids):
 
 
 def rounded(model, type):
-    """A copy of ``model`` whose matrices went through ``type`` and back. Blocks of 32 run along a row and
-    the fusions (q|k|v, gate|up) only stack rows, so lmzoo's own matrices round the same numbers."""
-    qtype = getattr(gguf.GGMLQuantizationType, type.upper())
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for _, p in out.named_parameters():
-            if p.ndim == 2:
-                q = gguf.quants.quantize(p.numpy().astype(np.float32), qtype)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, qtype).reshape(p.shape).copy()))
-    return out
+    """``model`` as the file rounds it (tests/gguf_cases.py)."""
+    return rounded_copy(model, type)
 
 
 def variant(model, **changes):

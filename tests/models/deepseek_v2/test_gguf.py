@@ -21,13 +21,11 @@ from lmzoo.errors import CheckpointError, ConfigError
 from lmzoo.interop.gguf import export_gguf, gguf_tensors, read_gguf
 from lmzoo.models.deepseek_v2.config import DeepseekV2Config
 from lmzoo.nn.position import RopeConfig
+from tests.gguf_cases import one_thread, TEXTS, EN, ZH  # noqa: F401 (one_thread: a fixture)
 from tests.shared_data import need_llamacpp
 
 gguf = pytest.importorskip("gguf")
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a small test of tokenizers.",
-         "我们今天去公园散步，天气很好。", "机器学习是人工智能的一个分支。"] * 20
-EN, ZH = "The lazy fox, quick as a dog, said hello to 12345 worlds!", "今天天气很好，我们去学习人工智能吧。"
 SMALL = dict(vocab_size=320, d_model=64, n_layers=2, n_heads=4, d_ff=96, max_positions=128, norm_eps=1e-6,
              kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
              n_routed_experts=4, n_shared_experts=1, top_k=2, d_expert=32, first_k_dense_replace=1)
@@ -39,12 +37,7 @@ KINDS = {"v2": dict(q_lora_rank=32, routed_scaling_factor=2.0,
          "dense": dict(q_lora_rank=None, n_routed_experts=None)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model, seed):

@@ -26,25 +26,17 @@ from lmzoo.errors import CheckpointError, ConfigError
 from lmzoo.interop.gguf import export_gguf, read_gguf
 from lmzoo.models.gpt2 import gguf as gpt2_gguf
 from lmzoo.models.gpt2.config import GPT2Config
-from lmzoo.nn.mlp import ACTIVATIONS
+from tests.gguf_cases import one_thread, TEXTS, EN, ZH, rounded as rounded_copy, llamacpp_gelu  # noqa: F401 (one_thread: a fixture)
 from tests.shared_data import need_llamacpp
 
 gguf = pytest.importorskip("gguf")
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a small test of tokenizers.",
-         "我们今天去公园散步，天气很好。", "机器学习是人工智能的一个分支。"] * 20
-EN, ZH = "The lazy fox, quick as a dog, said hello to 12345 worlds!", "今天天气很好，我们去学习人工智能吧。"
 SMALL = dict(vocab_size=320, d_model=64, n_layers=2, n_heads=4, bos_token_id=None, eos_token_id=None)
 KINDS = {"tied": dict(d_ff=256, max_positions=1024, tie_embeddings=True),
          "untied": dict(d_ff=96, max_positions=128, tie_embeddings=False, norm_eps=1e-6, act="gelu_pytorch_tanh")}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(kind, seed):
@@ -81,27 +73,13 @@ def logits_of(model, ids):
 
 
 def rounded(model, type):
-    """A copy of ``model`` whose matrices went through ``type`` and back; the position table stays F32,
-    as the converter keeps ``position_embd``. Quantization runs along a row, which the fusion of q|k|v
-    does not change, so lmzoo's own matrices round the same numbers."""
-    qtype = getattr(gguf.GGMLQuantizationType, type.upper())
-    out = copy.deepcopy(model)
-    with torch.no_grad():
-        for name, p in out.named_parameters():
-            if p.ndim == 2 and name != "positions.weight":
-                q = gguf.quants.quantize(p.numpy().astype(np.float32), qtype)
-                p.copy_(torch.from_numpy(gguf.quants.dequantize(q, qtype).reshape(p.shape).copy()))
-    return out
+    """``model`` as the file rounds it: every matrix but the position table (kept F32, as the converter does)."""
+    return rounded_copy(model, type, keep=("positions.weight",))
 
 
 def fp16_gelu(model):
     """A copy whose GELU is llama.cpp's CPU GELU: F16 table at the F16-rounded input, exact past |x| >= 10."""
-    gelu, out = ACTIVATIONS["gelu_new"], copy.deepcopy(model)
-
-    def act(x):
-        y = gelu(x.half().float()).half().float()
-        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
-
+    act, out = llamacpp_gelu("gelu_new"), copy.deepcopy(model)
     for layer in out.layers:
         layer.mlp.act = act
     return out

@@ -19,25 +19,17 @@ import lmzoo
 from lmzoo.errors import CheckpointError, ConfigError
 from lmzoo.interop.gguf import export_gguf, read_gguf
 from lmzoo.models.t5.config import T5Config
-from lmzoo.nn.mlp import ACTIVATIONS
+from tests.gguf_cases import one_thread, TEXTS, EN, ZH, llamacpp_gelu  # noqa: F401 (one_thread: a fixture)
 from tests.shared_data import need_llamacpp
 
 gguf = pytest.importorskip("gguf")
 
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "Hello world, this is a small test of tokenizers.",
-         "我们今天去公园散步，天气很好。", "机器学习是人工智能的一个分支。"] * 20
-EN, ZH = "The lazy fox, quick as a dog, said hello to 12345 worlds!", "今天天气很好，我们去学习人工智能吧。"
 SMALL = dict(vocab_size=320, d_model=64, n_heads=4, head_dim=16, d_ff=96, max_positions=128)
 KINDS = {"v1_0": dict(n_layers=2, ffn="relu", tie_embeddings=True, scale_head=True),
          "v1_1": dict(n_layers=3, n_decoder_layers=2, ffn="gated-gelu", tie_embeddings=False, scale_head=False)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -85,12 +77,7 @@ def rounded(model, type):
 def fp16_gelu(model):
     """A copy whose GELU is llama.cpp's CPU GELU: a table of F16 values indexed by the F16-rounded input
     (GGML_GELU_FP16), exact past |x| >= 10."""
-    gelu, out = ACTIVATIONS["gelu_new"], copy.deepcopy(model)
-
-    def act(x):
-        y = gelu(x.half().float()).half().float()
-        return torch.where(x <= -10, torch.zeros_like(x), torch.where(x >= 10, x, y))
-
+    act, out = llamacpp_gelu("gelu_new"), copy.deepcopy(model)
     for m in out.modules():
         if getattr(m, "act_name", None) == "gelu_new":
             m.act = act
