@@ -171,9 +171,8 @@ def tensor_type(name: str, t: torch.Tensor, type: str):
     g = _gguf()
     qtype, _ = _qtype(type)
     data = t.numpy()
-    if data.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name:  # MoE routers too
-        qtype = g.GGMLQuantizationType.F32
-    if name == "position_embd.weight":  # learned position tables too (the converter's POS_EMBD rule)
+    # the converter's F32 rules: 1-D tensors, norms, MoE routers, learned position tables (POS_EMBD)
+    if data.ndim <= 1 or name.endswith("_norm.weight") or ".ffn_gate_inp." in name or name == "position_embd.weight":
         qtype = g.GGMLQuantizationType.F32
     try:
         return qtype, g.quants.quantize(data, qtype)
@@ -203,7 +202,7 @@ def export_gguf(model, tokenizer, path, type: str = "f32", kept: dict | None = N
     if getattr(model, "decode_fused", False):
         raise ConfigError("gguf export: export the model as loaded (before fuse_for_decode)")
     spec.check(model)
-    _, file_type = _qtype(type)
+    block_type, file_type = _qtype(type)
     vocab = (vocab_writer(tokenizer, model.config.vocab_size, getattr(spec, "BPE_PRE", "gpt-2"))
              if tokenizer is not None else None)
     codes = scales = {}
@@ -225,12 +224,10 @@ def export_gguf(model, tokenizer, path, type: str = "f32", kept: dict | None = N
         if vocab is not None:
             vocab(w)
         for name, t in tensors.items():
-            raw = exact_blocks(codes[name], scales[name], type) if name in codes else None
-            if raw is not None:
-                qtype, data = _qtype(type)[0], raw
-            else:
-                qtype, data = tensor_type(name, t, type)
-            if name in codes and not torch.isnan(codes[name]).any() and kept is not None:
+            from_codes = name in codes and not torch.isnan(codes[name]).any()  # NaN: not from a quantized layer
+            raw = exact_blocks(codes[name], scales[name], type) if from_codes else None
+            qtype, data = (block_type, raw) if raw is not None else tensor_type(name, t, type)
+            if from_codes and kept is not None:
                 kept[name] = raw is not None
             w.add_tensor(name, data, raw_dtype=qtype)
             written[name] = qtype.name

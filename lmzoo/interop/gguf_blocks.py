@@ -80,8 +80,9 @@ def split_quantized(model):
 
 
 def exact_blocks(codes: torch.Tensor, scales: torch.Tensor, type: str) -> np.ndarray | None:
-    """The raw GGUF bytes of ``type`` holding ``scales · codes`` exactly, or None where they cannot."""
-    if type not in ("q8_0", "q4_0") or codes.shape[-1] % BLOCK or torch.isnan(codes).any():
+    """The raw GGUF bytes of ``type`` holding ``scales · codes`` exactly, or None where they cannot
+    (NaN codes, which mark weights not from a quantized layer, fail the integer check)."""
+    if type not in ("q8_0", "q4_0") or codes.shape[-1] % BLOCK:
         return None
     c = codes.reshape(-1, codes.shape[-1] // BLOCK, BLOCK)  # (rows, blocks, 32)
     s = scales.reshape(c.shape)

@@ -142,30 +142,23 @@ def config(f, shapes: dict):
 
 def state(tensors: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     """lmzoo state dict: ``attn_qkv`` and ``ffn_up`` split back by rows."""
-    inv = {v: k for k, v in LAYER.items()}
-    back = {v: k for k, v in TOP.items()}
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out = {}
     for name, w in tensors.items():
         parts = name.split(".")  # blk.{i}.<name>.<weight|bias>
-        if name in back:
-            out[back[name]] = w
+        t = parts[2] if parts[0] == "blk" and len(parts) == 4 else None
+        if t not in ("attn_qkv", "attn_q", "attn_k", "attn_v", "ffn_up"):
+            out[NAMES.lmzoo(name)] = w  # the table's names; anything else: "unknown GGUF tensor"
             continue
-        if parts[0] != "blk" or len(parts) != 4:
-            raise CheckpointError(f"unknown GGUF tensor {name!r} for {ARCH}")
-        p, t, kind = f"layers.{parts[1]}.", parts[2], parts[3]
+        p, kind = f"layers.{parts[1]}.", parts[3]
         if t == "attn_qkv":
             if w.shape[0] != q + 2 * kv:
                 raise CheckpointError(f"{name}: {w.shape[0]} rows, expected {q} + 2·{kv}")
             for m, part in zip(QKV, w.split([q, kv, kv], 0)):
                 out[p + f"{m}.{kind}"] = part
-        elif t in ("attn_q", "attn_k", "attn_v"):
-            out[p + f"{QKV[('attn_q', 'attn_k', 'attn_v').index(t)]}.{kind}"] = w
         elif t == "ffn_up":
             for m, part in zip(GATE_UP, w.chunk(2, 0)):
                 out[p + f"{m}.{kind}"] = part
-        elif t in inv:
-            out[p + f"{inv[t]}.{kind}"] = w
-        else:
-            raise CheckpointError(f"unknown GGUF tensor {name!r} for {ARCH}")
+        else:  # the separate q/k/v a GlmForCausalLM file holds
+            out[p + f"{QKV[('attn_q', 'attn_k', 'attn_v').index(t)]}.{kind}"] = w
     return out
