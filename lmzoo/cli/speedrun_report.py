@@ -1,39 +1,38 @@
-"""The speedrun's samples, its report (report.md) and its figure (speedrun.png).
+"""The speedrun's report: report.md (the report card, stages, samples, how to use the result) and
+speedrun.png, read from the run's state.json and each stage's metrics.jsonl:
 
-The figure has two panels, read from the run's metrics.jsonl: training and validation loss against
-tokens seen, with the unigram baseline as a dashed line (the model must end far below it), and the
-training throughput in tokens/s. Without matplotlib the report is written without the figure.
+  report card   held-out exact match per task, for every stage's model (grouped bars)
+  pretraining   train and validation loss against the step, the unigram baseline dashed
+  SFT           train loss on the answers, held-out accuracy at each evaluation
+  GRPO          mean rollout reward, KL to the SFT model, held-out accuracy
+  time          seconds per stage (training and evaluation)
+  size / speed  the weights' bytes and greedy decode tokens/s of each model
+
+Without matplotlib the report is written without the figure.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-import lmzoo
+from lmzoo.cli.speedrun_stages import SAMPLE_PROMPTS
 
 
-def samples(model, tok, prompts: dict[str, list[str]], max_new_tokens: int, seed: int) -> list[dict]:
-    """Greedy and sampled (T=0.8, top-p 0.95, seeded) continuations of each prompt."""
-    out = []
-    for lang, texts in prompts.items():
-        for text in texts:
-            ids = torch.tensor([tok.encode(text)])
-            row = {"lang": lang, "prompt": text}
-            for name, kw in (("greedy", {}), ("sampled", dict(do_sample=True, temperature=0.8, top_p=0.95,
-                                                                 generator=torch.Generator().manual_seed(seed)))):
-                new = lmzoo.generate(model, ids, max_new_tokens=max_new_tokens, eos_token_id=tok.eos_id, **kw)
-                row[name] = tok.decode(new[0, ids.shape[1]:], skip_special_tokens=True)
-            out.append(row)
-    return out
+def _metrics(path: Path) -> list[dict]:
+    from lmzoo.train.metrics import read_metrics
+
+    return read_metrics(path) if path.is_file() else []
 
 
-def plot(out: Path, unigram_nats: float) -> Path | None:
+def _series(rows: list[dict], split: str, key: str) -> tuple[list, list]:
+    got = [(r["step"], r[key]) for r in rows if r.get("split") == split and isinstance(r.get(key), (int, float))
+           and not math.isnan(r[key])]
+    return ([x for x, _ in got], [y for _, y in got]) if got else ([], [])
+
+
+def plot(out: Path, state: dict) -> Path | None:
     try:
         import matplotlib
 
@@ -43,28 +42,60 @@ def plot(out: Path, unigram_nats: float) -> Path | None:
         print("note: matplotlib is not installed; report without speedrun.png (pip install matplotlib)",
               file=sys.stderr)
         return None
-    from lmzoo.train.metrics import read_metrics
+    evals, stages = ordered(state)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), dpi=100)
+    (card, pre, sft), (grpo, times, size) = axes
 
-    rows = read_metrics(out / "metrics.jsonl")
-    train = [r for r in rows if r.get("split") == "train" and "tokens" in r]
-    tok_at = {r["step"]: r["tokens"] for r in train}
-    per_step = train[-1]["tokens"] / train[-1]["step"] if train else 1.0
-    evals = [r for r in rows if r.get("split") == "eval"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    a.plot([r["tokens"] for r in train], [r["loss"] for r in train], "-", label="train loss")
-    a.plot([tok_at.get(r["step"], r["step"] * per_step) for r in evals], [r["loss"] for r in evals], "o-",
-           label="validation loss")
-    a.axhline(unigram_nats, ls="--", color="gray", label=f"unigram baseline ({unigram_nats:.2f})")
-    a.set_xlabel("tokens seen")
-    a.set_ylabel("cross-entropy (nats/token)")
-    a.set_title("learning: far below the unigram line = context learnt")
-    a.grid(alpha=0.3)
-    a.legend()
-    b.plot([r["step"] for r in train], [r.get("tokens_per_s", math.nan) for r in train], "-")
-    b.set_xlabel("step")
-    b.set_ylabel("tokens / s")
-    b.set_title("training throughput (CPU)")
-    b.grid(alpha=0.3)
+    labels = list(evals)
+    kinds = sorted({k for e in evals.values() for k in e["exact_match"]})
+    width = 0.8 / max(1, len(labels))
+    for i, label in enumerate(labels):
+        ys = [evals[label]["exact_match"].get(k, 0.0) for k in kinds] + [evals[label]["mean_exact_match"]]
+        card.bar([j + i * width for j in range(len(kinds) + 1)], ys, width, label=label)
+    card.set_xticks([j + 0.4 - width / 2 for j in range(len(kinds) + 1)], kinds + ["mean"], rotation=30)
+    card.set_ylim(0, 1), card.set_ylabel("exact match (held-out)"), card.legend(fontsize=8)
+    card.set_title("report card: held-out tasks per stage")
+
+    rows = _metrics(out / "pretrain" / "metrics.jsonl")
+    pre.plot(*_series(rows, "train", "loss"), label="train")
+    pre.plot(*_series(rows, "eval", "loss"), "o-", label="validation")
+    if "pretrain" in stages and "unigram_nats" in stages["pretrain"]:
+        pre.axhline(stages["pretrain"]["unigram_nats"], ls="--", color="gray", label="unigram baseline")
+    pre.set_xlabel("step"), pre.set_ylabel("nats/token"), pre.legend(fontsize=8), pre.set_title("pretraining loss")
+
+    rows = _metrics(out / "sft" / "metrics.jsonl")
+    sft.plot(*_series(rows, "train", "loss"), label="train loss (answers)")
+    sft.plot(*_series(rows, "eval", "loss"), "o-", label="held-out loss")
+    sft.set_xlabel("step"), sft.set_ylabel("nats/token"), sft.set_title("SFT")
+    acc = sft.twinx()
+    acc.plot(*_series(rows, "eval", "accuracy"), "s-", color="tab:green", label="held-out exact match")
+    acc.set_ylim(0, 1), acc.set_ylabel("exact match")
+    sft.legend(loc="upper left", fontsize=8), acc.legend(loc="upper right", fontsize=8)
+
+    rows = _metrics(out / "grpo" / "metrics.jsonl")
+    grpo.plot(*_series(rows, "train", "reward/mean"), label="rollout reward")
+    grpo.plot(*_series(rows, "eval", "accuracy"), "s-", color="tab:green", label="held-out exact match")
+    grpo.set_ylim(0, 1), grpo.set_xlabel("step"), grpo.set_title("GRPO")
+    kl = grpo.twinx()
+    kl.plot(*_series(rows, "train", "kl"), color="tab:red", alpha=0.6, label="KL to the SFT model")
+    kl.set_ylabel("KL")
+    grpo.legend(loc="upper left", fontsize=8), kl.legend(loc="upper right", fontsize=8)
+
+    names = [x for x in stages if stages[x].get("done")]
+    train_s = [stages[x]["seconds"] for x in names]
+    eval_s = [sum(e["seconds"] for lab, e in evals.items() if _made_by(lab) == x) for x in names]
+    times.barh(names, train_s, label="stage")
+    times.barh(names, eval_s, left=train_s, label="its evaluation")
+    times.invert_yaxis(), times.set_xlabel("seconds"), times.legend(fontsize=8)
+    times.set_title(f"time: {state.get('seconds', sum(train_s) + sum(eval_s)):.0f} s in all")
+
+    mb = [evals[x]["bytes"] / 1e6 for x in labels]
+    size.bar(labels, mb, color="tab:purple")
+    size.set_ylabel("MB of weights"), size.set_title("size (bars) and decode speed (dots)")
+    speed = size.twinx()
+    speed.plot([x for x in labels if "decode_tok_s" in evals[x]],
+               [evals[x]["decode_tok_s"] for x in labels if "decode_tok_s" in evals[x]], "o", color="tab:orange")
+    speed.set_ylabel("greedy tokens/s (batch 1)")
     fig.tight_layout()
     path = out / "speedrun.png"
     fig.savefig(path)
@@ -72,56 +103,111 @@ def plot(out: Path, unigram_nats: float) -> Path | None:
     return path
 
 
+def ordered(state: dict) -> tuple[dict, dict]:
+    """(evaluations, stages) in the lifecycle's order (state.json keeps its keys sorted)."""
+    from lmzoo.cli.speedrun import ROWS, STAGES
+
+    evals, stages = state["evals"], state["stages"]
+    return ({lab: evals[lab] for lab, _, _ in ROWS if lab in evals},
+            {x: stages[x] for x in STAGES if x in stages})
+
+
+def _made_by(label: str) -> str:
+    from lmzoo.cli.speedrun import ROWS
+
+    return next(made_by for lab, made_by, _ in ROWS if lab == label)
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ⏎ ")
 
 
-def write_report(out: Path, r: dict) -> Path:
-    fig = plot(out, r["unigram_nats"])
-    cfg, s, val, t = r["config"], r["settings"], r["val"], r["timings"]
-    lines = [
-        "# lmzoo speedrun", "",
-        f"Setting **{r['setting']}**, CPU threads: {r['threads']}, {r['precision']}; total {t['total']:.0f} s "
-        f"(tokenizer {t['tokenizer']:.1f} s, tokenising {t['tokenise']:.1f} s, training {t['train']:.0f} s, "
-        f"samples {t['samples']:.1f} s).", "",
-        "## Result", "",
-        "| | nats/token | perplexity |", "|---|---|---|",
-        f"| unigram baseline (token frequencies, add-one) | {r['unigram_nats']:.3f} | {r['unigram_ppl']:.1f} |",
-        f"| the model, validation | {val['loss']:.3f} | {val['ppl']:.1f} |", "",
-        f"Validation perplexity is **{r['ratio']:.1f}x lower** than the unigram baseline"
-        + (f"; {val['bpb']:.3f} bits per byte of text." if "bpb" in val else "."), "",
-    ]
+def card_table(state: dict) -> list[str]:
+    """The report card: one row per stage's model, held-out exact match per task and the rest."""
+    evals, stages = ordered(state)
+    kinds = sorted({k for e in evals.values() for k in e["exact_match"]})
+    float_bytes = next((evals[x]["bytes"] for x in ("grpo", "sft", "pretrain") if x in evals), None)
+    head = ["model", "stage time", "**exact match**", *kinds, "perplexity", "size", "decode tok/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, e in evals.items():
+        stage = stages.get(_made_by(label), {})
+        size = f"{e['bytes'] / 1e6:.2f} MB"
+        if float_bytes and label in ("int8", "gguf q8_0"):
+            size += f" ({e['bytes'] / float_bytes:.0%})"
+        cells = [label, f"{stage.get('seconds', 0):.0f} s" if label not in ("gguf q8_0",) else "",
+                 f"**{e['mean_exact_match']:.3f}**", *[f"{e['exact_match'].get(k, math.nan):.2f}" for k in kinds],
+                 f"{e['perplexity']:.2f}", size, f"{e['decode_tok_s']:.0f}" if "decode_tok_s" in e else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def write_report(out: Path, state: dict, s: dict) -> Path:
+    from lmzoo.cli.speedrun import ROWS
+
+    fig = plot(out, state)
+    (evals, stages), plan = ordered(state), state.get("plan", {})
+    n_tasks = next(iter(evals.values()))["n_tasks"] if evals else {}
+    t = s["tasks"]
+    lines = ["# lmzoo speedrun", "",
+             f"Setting **{state['setting']}**, seed {state['seed']}, {state['precision']}, "
+             f"{plan.get('threads', '?')} CPU thread(s); {state.get('seconds', 0):.0f} s in all. "
+             f"Step counts: {plan.get('how', '')}.", "",
+             "## Report card", "",
+             f"Greedy answers to held-out built-in tasks (level {t['level']}; never among SFT's conversations "
+             f"or GRPO's prompts; {', '.join(f'{k} {n}' for k, n in n_tasks.items())}), scored by value; "
+             "perplexity of fresh built-in text (documents no stage trained on); size: the weights' files "
+             "(% of the float model); decode: greedy tokens/s of one sequence with lmzoo on this machine.", ""]
+    lines += card_table(state)
     if fig is not None:
-        lines += [f"![loss and throughput]({fig.name})", ""]
-    lines += [
-        "## Data", "",
-        f"Built-in corpus (`lmzoo.data.builtin`): {r['corpus']['documents']:,} documents, "
-        f"{r['corpus']['characters']:,} characters, {r['corpus']['cjk_share']:.0%} of them Chinese: the Python "
-        "documentation's prose from the standard library's `pydoc_data` and bilingual English/Chinese text "
-        "generated by `lmzoo.data.bilingual`.", "",
-        f"Tokenizer: `sp-bpe` (LLaMA-style BPE with byte fallback), {r['tokenizer_vocab']:,} tokens, "
-        f"{r['bytes_per_token']:.2f} bytes per token. {r['n_tokens']:,} tokens in all: {r['train_rows']:,} "
-        f"training rows and {r['val_rows']:,} validation rows (the last 5% of the tokens) of {s['seq_len']}.", "",
-        "## Model and training", "",
-        f"LLaMA (`lmzoo.models.llama`): {r['params']:,} parameters; d_model {cfg.d_model}, {cfg.n_layers} layers, "
-        f"{cfg.n_heads} query / {cfg.n_kv_heads} KV heads (head_dim {cfg.head_dim}), SwiGLU d_ff {cfg.d_ff}, "
-        f"RMSNorm, RoPE (theta {cfg.rope.theta:g}).", "",
-        f"{r['steps']} steps ({r['steps_how']}) of {s['batch_size']} x {s['seq_len']} tokens = "
-        f"{r['tokens_seen']:,} tokens; AdamW, lr {s['lr']:g} with {min(s['warmup'], r['steps'] // 4)} warmup steps "
-        "and cosine decay to lr/10, weight decay 0.1, gradient clipping 1.0 (`lmzoo.train`). Curves: "
-        "`metrics.jsonl`, `loss.png`.", "",
-        "## Samples", "",
-        "| | prompt | greedy | sampled (T=0.8, top-p 0.95) |", "|---|---|---|---|",
-    ]
-    lines += [f"| {g['lang']} | {_cell(g['prompt'])} | {_cell(g['greedy'])} | {_cell(g['sampled'])} |"
-              for g in r["samples"]]
-    lines += ["", "## Files", "",
-              "`final/`: weights and tokenizer, in the layout `lmzoo.load` reads "
-              f"(`lmzoo generate --model {out / 'final'} --prompt \"数字305写作\"`); `tokenizer/`; `checkpoints/`; "
-              "`metrics.jsonl`; `summary.json`.", ""]
+        lines += ["", f"![report card, curves, time, size]({fig.name})"]
+    lines += ["", "## Stages", ""]
+    p = stages.get("pretrain", {})
+    if p.get("done"):
+        m = p["model"]
+        lines.append(f"- **pretrain** ({p['seconds']:.0f} s): sp-bpe tokenizer of {p['vocab']:,} tokens trained on "
+                     f"the built-in corpus ({p['corpus']['characters']:,} characters, {p['corpus']['cjk_share']:.0%} "
+                     f"Chinese; {p['bytes_per_token']:.2f} bytes/token); a {p['params'] / 1e6:.2f}M LLaMA (d_model "
+                     f"{m['d_model']}, {m['n_layers']} layers, {m['n_heads']}/{m['n_kv_heads']} query/KV heads, "
+                     f"SwiGLU {m['d_ff']}) for {p['steps']} steps: validation perplexity {p['val_ppl']:.1f} against "
+                     f"the unigram baseline's {p['unigram_ppl']:.1f}.")
+    x = stages.get("sft", {})
+    if x.get("done"):
+        lines.append(f"- **sft** ({x['seconds']:.0f} s): {x['steps']} steps of full finetuning on the built-in "
+                     f"instruction data ({x['data']}); answers only in the loss, packed rows.")
+    x = stages.get("grpo", {})
+    if x.get("done"):
+        g = s["grpo"]
+        lines.append(f"- **grpo** ({x['seconds']:.0f} s): {x['steps']} steps, G = {g['group_size']}, "
+                     f"{g['batch_size']} responses per rollout at T = {g['temperature']:g}, each rollout "
+                     f"{g['epochs']} x {g['minibatches']} steps, lr {g['lr']:g}, beta {g['beta']:g}; reward: the "
+                     f"task checkers (1 for a right answer); prompts: {x['prompts']}.")
+    x = stages.get("quantize", {})
+    if x.get("done"):
+        lines.append(f"- **quantize** ({x['seconds']:.0f} s): RTN int8, symmetric, one scale per 32 weights, of "
+                     f"{x['source']}'s model (decoder linears; `quantized/`), and the GGUF file with the same codes "
+                     f"in Q8_0 ({x['kept_codes'][0]} of {x['kept_codes'][1]} matrices kept their codes; embeddings "
+                     "and head in Q8_0 too): its row is scored on the file's weights.")
+    if evals:
+        prompts = [q for qs in SAMPLE_PROMPTS.values() for q in qs]
+        lines += ["", "## Samples (greedy)", "", "| prompt | " + " | ".join(evals) + " |",
+                  "|" + "---|" * (len(evals) + 1)]
+        lines += [f"| {_cell(q)} | " + " | ".join(_cell(e["samples"].get(q, "")) for e in evals.values()) + " |"
+                  for q in prompts]
+    final = next((rel for lab, _, rel in reversed(ROWS[:3]) if stages.get(lab, {}).get("done")), None)
+    lines += ["", "## Use it", "", "```bash"]
+    if final:
+        lines += [f"lmzoo chat --model {out / final}", f"lmzoo serve --model {out / final} --port 8000   "
+                  "# OpenAI-compatible: /v1/chat/completions",
+                  f"lmzoo eval --model {out / final} --tasks generative --level {t['level']}"]
+    if (out / "model-q8_0.gguf").is_file():
+        lines += [f"llama-cli -m {out / 'model-q8_0.gguf'} -p 'What is 12 + 7?' -n 16   # llama.cpp",
+                  f"python -c \"from llama_cpp import Llama; print(Llama('{out / 'model-q8_0.gguf'}')"
+                  ".create_chat_completion([{'role': 'user', 'content': 'What is 12 + 7?'}]))\""]
+    lines += ["```", "", "## Files", "",
+              "`state.json` (every number above), `tokenizer/`, `pretrain/`, `sft/`, `grpo/` (each a training run "
+              "folder: `metrics.jsonl`, plots, `checkpoints/`, `final/`), `quantized/`, `model-q8_0.gguf`.", ""]
     path = out / "report.md"
-    path.write_text("\n".join(lines), encoding="utf-8")
-    summary = {k: v for k, v in r.items() if k != "config"}
-    summary["config"] = {k: v for k, v in asdict(cfg).items() if k != "rope"}
-    (out / "summary.json").write_text(json.dumps(summary, ensure_ascii=False, indent=1, default=str) + "\n")
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    tmp.replace(path)
     return path

@@ -110,12 +110,18 @@ class TaskResult:
 def run_generative(lm, kind: str, n: int, *, seed: int = EVAL_SEED, level: str = "easy",
                    max_new_tokens: int = 24) -> TaskResult:
     """Exact match of ``lm.replies`` (greedy) on ``n`` tasks of ``kind``."""
-    tasks = make_tasks(kind, n, seed=seed, level=level)
+    return score_tasks(lm, kind, make_tasks(kind, n, seed=seed, level=level), max_new_tokens=max_new_tokens)
+
+
+def score_tasks(lm, name: str, tasks: list[Task], *, max_new_tokens: int = 24) -> TaskResult:
+    """Exact match of ``lm.replies`` (greedy) on the given tasks (e.g. a training run's held-out ones)."""
+    if not tasks:
+        raise ConfigError(f"task {name}: no items to score")
     replies = lm.replies([t.prompt for t in tasks], max_new_tokens=max_new_tokens)
     right = [check(t, r) for t, r in zip(tasks, replies)]
     examples = [{"prompt": t.prompt, "answer": t.answer, "reply": r, "right": ok}
                 for t, r, ok in list(zip(tasks, replies, right))[:4]]
-    return TaskResult(kind, {"exact_match": sum(right) / len(tasks)}, len(tasks), examples)
+    return TaskResult(name, {"exact_match": sum(right) / len(tasks)}, len(tasks), examples)
 
 
 def run_choice(lm, name: str, n: int, *, seed: int = EVAL_SEED, level: str = "easy") -> TaskResult:

@@ -1,39 +1,138 @@
-"""`lmzoo speedrun --tiny` end to end: tokenizer, training, perplexity far below unigram, samples, report."""
+"""`lmzoo speedrun --tiny`: every stage end to end (killed in the middle of GRPO and resumed there),
+the report card, the final model chatting and in GGUF; --stages subsets; refusals in one line."""
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 import lmzoo
 from lmzoo.cli.main import main
+from lmzoo.train.checkpoint import list_checkpoints
+
+ROWS = ["pretrain", "sft", "grpo", "int8", "gguf q8_0"]
 
 
-def test_tiny_speedrun_end_to_end(tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["speedrun", "--tiny", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]) == 0
-    printed = capsys.readouterr().out
-    assert "[6/6] samples" in printed and "unigram baseline" in printed
-    summary = json.loads((out / "summary.json").read_text())
-    # learnt context: validation perplexity at least 2x below the unigram baseline on the same tokens
-    assert summary["val"]["ppl"] * 2 < summary["unigram_ppl"], (summary["val"], summary["unigram_ppl"])
-    assert summary["steps"] == 60 and summary["steps_how"] == "fixed"
-    assert {g["lang"] for g in summary["samples"]} == {"en", "zh"}
+def _state(out: Path) -> dict:
+    return json.loads((out / "state.json").read_text())
+
+
+def _kill_during_grpo(out: Path, cache: Path) -> None:
+    """Start the tiny speedrun in a subprocess and SIGKILL it once GRPO has saved a checkpoint."""
+    cmd = [sys.executable, "-m", "lmzoo.cli.main", "speedrun", "--tiny", "--out", str(out), "--cache-dir", str(cache),
+           "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ,
+                                                                                        "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 240
+    try:
+        while not list_checkpoints(out / "grpo" / "checkpoints"):
+            if proc.poll() is not None:
+                pytest.fail(f"the speedrun ended (rc {proc.returncode}) before GRPO checkpointed: "
+                            f"{proc.stderr.read().decode()[-2000:]}")
+            assert time.monotonic() < deadline, "GRPO did not checkpoint within 240 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+
+
+def test_tiny_speedrun_killed_in_grpo_resumes_there_and_reports_every_stage(tmp_path, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    _kill_during_grpo(out, cache)
+    state = _state(out)
+    assert state["stages"]["pretrain"]["done"] and state["stages"]["sft"]["done"]
+    assert state["stages"]["grpo"] == {"started": True}  # killed midway: neither done nor evaluated
+    pretrain_metrics = (out / "pretrain" / "metrics.jsonl").read_bytes()
+    saved = list_checkpoints(out / "grpo" / "checkpoints")[0][0]  # the newest, as --resume picks
+
+    assert main(["speedrun", "--tiny", "--out", str(out), "--cache-dir", str(cache), "--no-progress",
+                 "--resume"]) == 0
+    captured = capsys.readouterr()
+    assert "pretrain: done in an earlier call" in captured.out and "sft: done in an earlier call" in captured.out
+    assert f"(step {saved})" in captured.err and "resumed from" in captured.err  # GRPO went on from its checkpoint
+    assert (out / "pretrain" / "metrics.jsonl").read_bytes() == pretrain_metrics  # pretraining did not run again
+    state = _state(out)
+    assert all(state["stages"][s]["done"] for s in ("pretrain", "sft", "grpo", "quantize"))
+    assert state["stages"]["grpo"]["resumed"] and not state["stages"]["sft"]["resumed"]
+    grpo_steps = [r["step"] for r in map(json.loads, (out / "grpo" / "metrics.jsonl").read_text().splitlines())
+                  if r["split"] == "train"]
+    assert grpo_steps == sorted(set(grpo_steps)) and grpo_steps[-1] == state["plan"]["steps"]["grpo"]
+
+    # the report card: a row per stage's model, held-out exact match per task kind, size and speed
+    assert sorted(state["evals"]) == sorted(ROWS)
+    for label, row in state["evals"].items():
+        assert 0.0 <= row["mean_exact_match"] <= 1.0 and row["perplexity"] > 1.0, (label, row)
+        assert set(row["exact_match"]) == set(row["n_tasks"]) and set(row["n_tasks"].values()) == {5}
+        assert any("计算" in p or "排序" in p for p in row["samples"])  # Chinese prompts asked of every stage
+    ev = state["evals"]
+    assert ev["pretrain"]["template"].startswith("plain") and ev["sft"]["template"] == "chat"
+    assert ev["gguf q8_0"]["bytes"] < 0.35 * ev["grpo"]["bytes"] and ev["int8"]["bytes"] < ev["grpo"]["bytes"]
+    assert "decode_tok_s" in ev["int8"] and "decode_tok_s" not in ev["gguf q8_0"]
+    # pretraining learnt context; SFT learnt its answers (loss on the response tokens fell)
+    pre = state["stages"]["pretrain"]
+    assert pre["val_ppl"] * 2 < pre["unigram_ppl"], pre
+    sft_loss = [r["loss"] for r in map(json.loads, (out / "sft" / "metrics.jsonl").read_text().splitlines())
+                if r["split"] == "train"]
+    assert sft_loss[-1] < sft_loss[0] - 0.5, sft_loss
     report = (out / "report.md").read_text()
-    assert "## Result" in report and "unigram baseline" in report and "## Samples" in report
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["split"] == "train" and any(r["split"] == "eval" for r in rows)
-    # Training loss fell: an untrained model sits at ln V (6.20 for 495 tokens); measured: 5.97 at step 3, a
-    # mean of 2.83 over the last three logged steps, against a unigram baseline of 4.08.
-    train = [r["loss"] for r in rows if r["split"] == "train"]
-    last = sum(train[-3:]) / 3
-    assert train[0] > math.log(summary["tokenizer_vocab"]) - 1.0, train[0]  # it started untrained
-    assert last < summary["unigram_nats"] - 0.5 and last < train[0] - 2.0, (train, summary["unigram_nats"])
+    assert "## Report card" in report and "## Samples" in report and "lmzoo chat --model" in report
+    assert all(f"| {label} |" in report for label in ROWS)
+    assert "llama-cli -m" in report and "lmzoo serve --model" in report
+
+    # the final model loads, chats, and its GGUF file is the quantized model's weights
+    final = out / "grpo" / "final"
+    model, tok = lmzoo.load(final), lmzoo.load_tokenizer(final)
+    assert model.config.vocab_size == tok.vocab_size and tok.chat_template
+    assert main(["chat", "--model", str(final), "--prompt", "计算 3 + 4。", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.endswith("\n")  # the reply (a 0.15M model's may be empty), one line
+    from lmzoo.interop.gguf import read_gguf
+
+    gg, _ = read_gguf(out / "model-q8_0.gguf")
+    assert gg.config.n_layers == model.config.n_layers
     pytest.importorskip("matplotlib")
-    assert (out / "speedrun.png").stat().st_size > 10_000 and (out / "loss.png").is_file()
-    model = lmzoo.load(out / "final")
-    tok = lmzoo.load_tokenizer(out / "final")
-    assert model.config.vocab_size == tok.vocab_size == summary["tokenizer_vocab"]
+    assert (out / "speedrun.png").stat().st_size > 20_000 and (out / "sft" / "sft.png").is_file()
+
+
+def test_stages_run_a_subset_and_later_calls_add_to_it(tmp_path, capsys):
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["speedrun", "--tiny", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]
+    assert main(args + ["--stages", "pretrain"]) == 0
+    state = _state(out)
+    assert set(state["stages"]) == {"pretrain"} and set(state["evals"]) == {"pretrain"}
+    assert not (out / "sft").exists() and "| pretrain |" in (out / "report.md").read_text()
+    capsys.readouterr()
+    # GRPO starts from SFT's model, which this run does not have: one line, nothing done
+    assert main(args + ["--resume", "--stages", "grpo"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("it starts from sft's model, which " + f"{out} does not hold; add sft to --stages") \
+        and len(err.splitlines()) == 1, err
+    assert not (out / "grpo").exists()
+    # quantize the pretrained model: the report card gains its rows, pretraining is kept
+    assert main(args + ["--resume", "--stages", "quantize"]) == 0
+    state = _state(out)
+    assert state["stages"]["quantize"]["source"] == "pretrain"
+    assert set(state["evals"]) == {"pretrain", "int8", "gguf q8_0"}
+    assert "pretrain: done in an earlier call" not in capsys.readouterr().out  # not asked for: not listed
+    drop = state["evals"]["pretrain"]["perplexity"] - state["evals"]["int8"]["perplexity"]
+    assert math.isfinite(drop) and abs(drop) < 0.05 * state["evals"]["pretrain"]["perplexity"]  # int8 ~ lossless
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--resume"], "holds no speedrun state (state.json) to resume"),
+    (["--stages", "sft"], "it starts from pretrain's model"),
+    (["--stages", "quantize"], "holds no trained model to quantize"),
+])
+def test_speedrun_refusals_are_one_line_before_any_work(tmp_path, capsys, argv, needle):
+    assert main(["speedrun", "--tiny", "--out", str(tmp_path / "new"), "--no-progress", *argv]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "new").exists()
 
 
 def test_speedrun_refuses_a_used_folder(tmp_path, capsys):
@@ -41,10 +140,3 @@ def test_speedrun_refuses_a_used_folder(tmp_path, capsys):
     assert main(["speedrun", "--tiny", "--out", str(tmp_path), "--no-progress"]) == 1
     assert "is not empty" in capsys.readouterr().err
     assert (tmp_path / "x").read_text() == "keep me"
-
-
-def test_speedrun_resume_needs_a_checkpoint(tmp_path, capsys):
-    assert main(["speedrun", "--tiny", "--out", str(tmp_path / "new"), "--resume", "--no-progress"]) == 1
-    err = capsys.readouterr().err
-    assert "--resume: " in err and "holds no checkpoint to resume" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "new").exists()  # refused before any work

@@ -7,7 +7,7 @@ import pytest
 
 from lmzoo.data.tasks import check, make_tasks
 from lmzoo.errors import ConfigError
-from lmzoo.eval.suite import CHOICE, GENERATIVE, N_OPTIONS, choice_items, run_tasks, task_names
+from lmzoo.eval.suite import CHOICE, GENERATIVE, N_OPTIONS, choice_items, run_tasks, score_tasks, task_names
 
 
 class OracleStubLM:
@@ -37,7 +37,7 @@ class RandomStubLM:
         return [[-self.r.uniform(1, 10) * len(o) for o in options] for _, options in items]
 
 
-@pytest.mark.parametrize("level", ["easy", "full"])
+@pytest.mark.parametrize("level", ["easy", "small", "full"])
 def test_a_model_handed_the_answers_scores_one_on_every_task(level):
     res = run_tasks(OracleStubLM(seed=3, level=level, n=50), ["all"], limit=50, seed=3, level=level)
     assert sorted(res) == sorted(GENERATIVE + CHOICE)
@@ -72,3 +72,13 @@ def test_task_names_expand_groups_and_refuse_unknown_names():
     assert set(task_names(["all"])) == set(GENERATIVE + CHOICE)
     with pytest.raises(ConfigError, match="unknown task 'hellaswag'.*--harness"):
         task_names(["hellaswag"])
+
+
+def test_score_tasks_scores_the_tasks_it_is_given_and_refuses_none():
+    tasks = make_tasks("sort", 8, seed=1, level="small")
+    lm = OracleStubLM(seed=1, level="small", n=8)
+    lm.answers[tasks[0].prompt] = "0 0 0"  # one wrong
+    r = score_tasks(lm, "sort", tasks)
+    assert r.n == 8 and r.metrics["exact_match"] == 7 / 8 and r.examples[0]["right"] is False
+    with pytest.raises(ConfigError, match="no items"):
+        score_tasks(lm, "sort", [])

@@ -1,0 +1,305 @@
+"""The speedrun's stages, each a thin wiring of an lmzoo stage or library call to the run folder.
+
+  pretrain  -> RUN/tokenizer/, RUN/pretrain/  the built-in corpus, an sp-bpe tokenizer, a small LLaMA
+                                              pretrained with lmzoo.train (final/: model + tokenizer)
+  sft       -> RUN/sft/        lmzoo.stages.sft on the built-in instruction data, with a chat template
+  grpo      -> RUN/grpo/       lmzoo.stages.grpo, rewarded by the built-in tasks' checkers
+  quantize  -> RUN/quantized/  RTN 8-bit (symmetric, blocks of 32) of the last trained model, and
+               RUN/model-q8_0.gguf, the same codes in llama.cpp's Q8_0
+
+Every training stage checkpoints into its folder, so a run killed midway resumes there at its last
+saved step (``lmzoo speedrun --resume``). ``evaluate`` scores a stage's model on the run's held-out
+tasks (never among SFT's conversations or GRPO's prompts) and on fresh built-in text.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import lmzoo
+from lmzoo.errors import ConfigError
+
+SAMPLE_PROMPTS = {"en": ["What is 12 + 7?", "Write 58 in Chinese numerals.", "Sort ascending: 7 2 9",
+                         "Translate into Chinese: Today Beijing is sunny."],
+                  "zh": ["计算 15 - 6。", "把 九十三 写成阿拉伯数字。", "从小到大排序：8 1 5", "把下面的句子翻译成英文：今天北京晴天。"]}
+SPEED_PROMPT = "The number 305 is written"
+
+
+def say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# -- pretraining ------------------------------------------------------------------------------------
+
+
+def build_model(s: dict, tokenizer, seed: int):
+    from lmzoo.models.llama.config import LlamaConfig
+    from lmzoo.train.init import init_weights
+
+    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, d_model=s["d_model"], n_layers=s["n_layers"],
+                      n_heads=s["n_heads"], n_kv_heads=s["n_kv_heads"], d_ff=s["d_ff"], max_positions=s["context"],
+                      bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    torch.manual_seed(seed)
+    return init_weights(lmzoo.build(cfg), 0.02), cfg  # N(0, 0.02²) matrices, as GPT-2 and LLaMA train from
+
+
+def step_seconds(model, rows, step_fn, batch_size: int) -> float:
+    """Seconds of one forward + backward on a training batch (the second of two; weights untouched)."""
+    batch = rows.batch(range(min(batch_size, len(rows))))
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        loss, _ = step_fn(model, batch)
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    return times[-1] * 1.1  # + the optimizer step and the loop's bookkeeping
+
+
+def pick_threads(model, rows, step_fn, batch_size: int, fixed: int | None) -> tuple[int, float]:
+    """(threads, seconds per pretraining step): torch's thread count or 1, whichever trains faster here
+    (on a busy machine a second thread mostly waits for a core); ``fixed`` (--threads) is only timed."""
+    timed = {}
+    for k in dict.fromkeys((fixed,) if fixed else (torch.get_num_threads(), 1)):
+        torch.set_num_threads(k)
+        timed[k] = step_seconds(model, rows, step_fn, batch_size)
+    best = min(timed, key=timed.get)
+    torch.set_num_threads(best)
+    return best, timed[best]
+
+
+def corpus_and_tokenizer(s: dict, out: Path, seed: int):
+    """(documents, corpus description, tokenizer): trained once, then read back from RUN/tokenizer."""
+    from lmzoo.data import builtin_corpus
+    from lmzoo.data.builtin import describe_corpus
+
+    docs = builtin_corpus(scale=s["scale"], seed=seed)
+    if (out / "tokenizer").is_dir():
+        return docs, describe_corpus(docs), lmzoo.load_tokenizer(out / "tokenizer")
+    tok = lmzoo.train_tokenizer("sp-bpe", texts=docs, vocab_size=s["vocab_size"])
+    tok.save(out / "tokenizer")
+    return docs, describe_corpus(docs), tok
+
+
+def pretrain(s: dict, out: Path, state: dict, args, plan_steps) -> dict:
+    """Tokenizer, token file, unigram baseline, then lmzoo.train; ``plan_steps(seconds_per_step, note)``
+    fixes every stage's step count once, from this machine's measured pretraining step."""
+    from lmzoo.data import pretraining_batches
+    from lmzoo.data.baselines import perplexity, unigram_cross_entropy
+    from lmzoo.objectives import make_step_fn
+    from lmzoo.train import TrainConfig, Trainer
+
+    p, seed = s["pretrain"], args.seed
+    t = time.perf_counter()
+    docs, corpus, tok = corpus_and_tokenizer(p, out, seed)
+    t_tok = time.perf_counter() - t
+    say(f"  corpus: {corpus['documents']:,} documents, {corpus['characters']:,} characters "
+        f"({corpus['cjk_share']:.0%} Chinese); tokenizer: sp-bpe (byte fallback), {tok.vocab_size:,} tokens")
+    train, eval_batches, tf = pretraining_batches(tok, p["seq_len"], p["batch_size"], texts=docs, seed=seed,
+                                                  cache_dir=args.cache_dir, progress=not args.no_progress)
+    val_rows = eval_batches().rows
+    bytes_per_token = sum(len(d.encode("utf-8")) for d in docs) / tf.n_tokens
+    val_tokens = torch.cat([val_rows.batch(range(i, min(i + 64, len(val_rows))))["input_ids"][:, 1:].reshape(-1)
+                            for i in range(0, len(val_rows), 64)]).numpy()
+    uni = unigram_cross_entropy(tf.tokens[train.rows.start:train.rows.end], val_tokens, tok.vocab_size)
+    say(f"  {tf.n_tokens:,} tokens ({bytes_per_token:.2f} bytes/token), {len(train.rows):,} training rows of "
+        f"{p['seq_len']}; unigram baseline: validation perplexity {perplexity(uni):.1f}")
+    model, cfg = build_model(p, tok, seed)
+    step_fn = make_step_fn("causal_lm", config=cfg)
+    if "plan" not in state:
+        threads, sec = pick_threads(model, train.rows, step_fn, p["batch_size"], args.threads)
+        plan_steps(sec, threads)
+    torch.set_num_threads(state["plan"]["threads"])
+    steps = state["plan"]["steps"]["pretrain"]
+    tcfg = TrainConfig(steps=steps, lr=p["lr"], min_lr=p["lr"] / 10, warmup_steps=min(p["warmup"], steps // 4),
+                       schedule="cosine", weight_decay=0.1, clip_grad=1.0, seed=seed, precision=args.precision,
+                       log_every=max(1, min(10, steps // 20)), eval_every=max(1, math.ceil(steps / p["n_evals"])),
+                       save_every=max(1, steps // 4), keep_last=1, progress=not args.no_progress, plot=True,
+                       device="cpu")
+    say(f"  a {model.num_parameters() / 1e6:.2f}M-parameter LLaMA (d_model {cfg.d_model}, {cfg.n_layers} layers, "
+        f"{cfg.n_heads} query / {cfg.n_kv_heads} KV heads), {steps} steps of {p['batch_size']} x {p['seq_len']} "
+        f"tokens, {torch.get_num_threads()} thread(s)")
+    result = Trainer(model, train, step_fn, tcfg, out / "pretrain", eval_batches=eval_batches,
+                     bytes_per_token=bytes_per_token).fit(resume=True, start_if_missing=True)
+    model.eval()
+    lmzoo.save(model, out / "pretrain" / "final", tokenizer=tok)
+    val = result.eval
+    say(f"  validation perplexity {val['ppl']:.1f} vs unigram {perplexity(uni):.1f}")
+    return {"tokenizer_seconds": t_tok, "corpus": corpus, "vocab": tok.vocab_size, "n_tokens": tf.n_tokens,
+            "bytes_per_token": bytes_per_token, "params": model.num_parameters(), "steps": steps,
+            "unigram_ppl": perplexity(uni), "unigram_nats": uni, "val_ppl": val["ppl"], "val_loss": val["loss"],
+            "model": {k: getattr(cfg, k) for k in ("d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")}}
+
+
+# -- finetuning -------------------------------------------------------------------------------------
+
+
+def builtin_data(s: dict, seed: int) -> dict:
+    """The built-in instruction data both SFT and GRPO draw (the same seed and size: GRPO's prompts are
+    SFT's tasks, and the held-out tasks are unseen by both)."""
+    t = s["tasks"]
+    return {"n": t["n"], "n_eval": t["n_hook"], "level": t["level"], "kinds": t["kinds"], "seed": seed,
+            "translation_fraction": t["translation_fraction"]}
+
+
+def _train_section(sec: dict, steps: int, args, n_evals: int) -> dict:
+    return {"steps": steps, "lr": sec["lr"], "min_lr": sec["lr"] / 10, "warmup_steps": min(sec["warmup"], steps // 4),
+            "schedule": "cosine", "weight_decay": 0.0, "clip_grad": 1.0, "seed": args.seed,
+            "precision": args.precision, "log_every": max(1, min(10, steps // 20)),
+            "eval_every": max(1, math.ceil(steps / n_evals)),  # the last evaluation is the final one
+            "save_every": max(1, steps // 4), "keep_last": 1,
+            "progress": not args.no_progress, "device": "cpu"}
+
+
+def sft(s: dict, out: Path, state: dict, args) -> dict:
+    from lmzoo.stages.sft import run
+
+    sec, steps = s["sft"], state["plan"]["steps"]["sft"]
+    cfg = {"data": {"seq_len": sec["seq_len"], "batch_size": sec["batch_size"], "builtin": builtin_data(s, args.seed)},
+           "eval": {"n": s["tasks"]["n_hook"], "max_new_tokens": s["tasks"]["max_new_tokens"]},
+           "loss": {"chunk": 0}, "train": _train_section(sec, steps, args, sec["n_evals"])}
+    say(f"  {steps} steps of {sec['batch_size']} packed rows of {sec['seq_len']} tokens, lr {sec['lr']:g}")
+    r = run(cfg, out / "pretrain" / "final", out / "sft", resume_or_start=True, source="speedrun sft")
+    return {"steps": steps, "data": r.data_summary, "accuracy_hook": [r.accuracy_before, r.accuracy_after]}
+
+
+def grpo(s: dict, out: Path, state: dict, args) -> dict:
+    from lmzoo.stages.grpo import run_grpo
+
+    sec, steps = s["grpo"], state["plan"]["steps"]["grpo"]
+    cfg = {"data": {"batch_size": sec["batch_size"], "builtin": builtin_data(s, args.seed)},
+           "rollout": {"group_size": sec["group_size"], "max_new_tokens": s["tasks"]["max_new_tokens"],
+                       "temperature": sec["temperature"], "epochs": sec["epochs"], "minibatches": sec["minibatches"]},
+           "reward": {"spec": "task:all"}, "loss": {"beta": sec["beta"]},
+           "eval": {"n": s["tasks"]["n_hook"], "max_new_tokens": s["tasks"]["max_new_tokens"], "samples": 4},
+           "train": _train_section(sec, steps, args, sec["n_evals"])}
+    say(f"  {steps} steps: G={sec['group_size']}, {sec['batch_size']} responses per rollout, each rollout "
+        f"{sec['epochs']} pass(es) x {sec['minibatches']} minibatch(es), lr {sec['lr']:g}, beta {sec['beta']:g}")
+    r = run_grpo(cfg, out / "sft" / "final", out / "grpo", resume_or_start=True, source="speedrun grpo")
+    return {"steps": steps, "prompts": r.data_summary,
+            "accuracy_hook": [r.before.get("accuracy"), (r.after or {}).get("accuracy")]}
+
+
+# -- quantization -----------------------------------------------------------------------------------
+
+
+def last_trained(out: Path) -> Path:
+    for stage in ("grpo", "sft", "pretrain"):
+        if (out / stage / "final" / "config.json").is_file():
+            return out / stage / "final"
+    raise ConfigError(f"{out}: no trained model to quantize (run pretrain first)")
+
+
+def quantize(s: dict, out: Path, state: dict, args) -> dict:
+    """RTN 8-bit, symmetric, one scale per 32 weights: at 8 bits round-to-nearest loses least and needs no
+    calibration data, and its codes are Q8_0's, so the GGUF file computes with exactly these weights."""
+    from lmzoo.interop.gguf import export_gguf
+
+    src = last_trained(out)
+    tok = lmzoo.load_tokenizer(src)
+    model = lmzoo.load(src, dtype="float32").eval()
+    lmzoo.quantize(model, method="rtn", bits=8, group_size=32)
+    lmzoo.save(model, out / "quantized", tokenizer=src)
+    kept: dict[str, bool] = {}
+    gguf = out / "model-q8_0.gguf"
+    export_gguf(model, tok, gguf, type="q8_0", kept=kept)
+    say(f"  {src.parent.name}'s model -> quantized/ (RTN int8, blocks of 32) and {gguf.name} "
+        f"({sum(kept.values())} of {len(kept)} matrices with their own codes)")
+    return {"source": src.parent.name, "method": "rtn", "bits": 8, "group_size": 32,
+            "kept_codes": [sum(kept.values()), len(kept)]}
+
+
+# -- evaluation -------------------------------------------------------------------------------------
+
+
+def held_out_tasks(s: dict, seed: int) -> dict[str, list]:
+    """``tasks.n_eval`` held-out tasks of each kind, none of whose prompts is among SFT's conversations
+    (and so none among GRPO's prompts, which are SFT's tasks), drawn with seeds training never uses."""
+    from lmzoo.data.instructions import builtin_sft_data
+    from lmzoo.data.tasks import make_tasks
+    from lmzoo.eval.suite import EVAL_SEED
+
+    b, per_kind = builtin_data(s, seed), s["tasks"]["n_eval"]
+    built = builtin_sft_data(n=b["n"], seed=seed, n_eval=0, kinds=b["kinds"], level=b["level"],
+                             translation_fraction=b["translation_fraction"])
+    seen = {m["content"] for c in built.train for m in c if m["role"] == "user"}
+    out = {}
+    for kind in sorted(b["kinds"]):
+        got: list = []
+        for k in range(50):  # fresh draws until enough unseen prompts
+            for t in make_tasks(kind, 4 * per_kind, seed=EVAL_SEED + 1000 * k + seed, level=b["level"]):
+                if t.prompt not in seen and len(got) < per_kind:
+                    seen.add(t.prompt)
+                    got.append(t)
+            if len(got) == per_kind:
+                break
+        else:
+            raise ConfigError(f"speedrun: only {len(got)} {kind} tasks at level {b['level']} are unseen in the "
+                              f"{b['n']} training conversations; {per_kind} asked")
+        out[kind] = got
+    return out
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of a model's tensors: its safetensors files, or a GGUF file's tensor data (the file also
+    holds the tokenizer's vocabulary and the metadata)."""
+    if path.suffix == ".gguf":
+        from lmzoo.interop.gguf import _gguf
+
+        return sum(int(t.n_bytes) for t in _gguf().GGUFReader(str(path)).tensors)
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+
+
+def decode_speed(model, tok, n_new: int, repeats: int = 3) -> float:
+    """Greedy tokens/s of one sequence from a short prompt, the best of ``repeats`` (after a warm-up)."""
+    ids = torch.tensor([tok.encode(SPEED_PROMPT)])
+    lmzoo.generate(model, ids, max_new_tokens=4)
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        got = lmzoo.generate(model, ids, max_new_tokens=n_new)
+        best = min(best, (time.perf_counter() - t) / (got.shape[1] - ids.shape[1]))
+    return 1.0 / best
+
+
+def load_for_eval(path: Path):
+    from lmzoo.eval.model import EvalModel
+
+    if path.suffix == ".gguf":
+        from lmzoo.interop.gguf import read_gguf
+
+        model, tok = read_gguf(path)  # the file's weights, dequantized: what llama.cpp computes with
+        # an sp-bpe vocabulary does not give its merges back: the tokenizer the file was written from
+        # (same ids, tests/interop/test_gguf.py), with its chat template
+        tok = tok or lmzoo.load_tokenizer(path.parent / "quantized")
+        return EvalModel(model.eval(), tok, name=path.name)
+    return EvalModel.from_dir(path, name=path.parent.name if path.name == "final" else path.name)
+
+
+def evaluate(s: dict, path: Path, tasks: dict[str, list], texts: list[str], *, speed: bool) -> dict:
+    """Exact match per held-out task kind (greedy), perplexity of fresh built-in text, the answers to
+    the sample prompts, the weights' bytes, and (``speed``) greedy decode tokens/s."""
+    from lmzoo.eval.perplexity import text_perplexity
+    from lmzoo.eval.suite import score_tasks
+
+    t0 = time.perf_counter()
+    lm = load_for_eval(path)
+    max_new = s["tasks"]["max_new_tokens"]
+    scores = {k: score_tasks(lm, k, ts, max_new_tokens=max_new) for k, ts in tasks.items()}
+    exact = {k: r.metrics["exact_match"] for k, r in scores.items()}
+    ppl = text_perplexity(lm.model, lm.tok, texts, batch_size=lm.batch_size)
+    replies = lm.replies([p for ps in SAMPLE_PROMPTS.values() for p in ps], max_new_tokens=s["sample_tokens"])
+    row = {"exact_match": exact, "mean_exact_match": sum(exact.values()) / len(exact),
+           "n_tasks": {k: len(v) for k, v in tasks.items()}, "examples": {k: r.examples[:2] for k, r in scores.items()},
+           "perplexity": ppl["perplexity"], "bits_per_byte": ppl["bits_per_byte"], "bytes": weight_bytes(path),
+           "file_bytes": path.stat().st_size if path.is_file() else None,
+           "samples": dict(zip([p for ps in SAMPLE_PROMPTS.values() for p in ps], replies)),
+           "template": "plain (Question/Answer)" if lm.plain else "chat"}
+    if speed:
+        row["decode_tok_s"] = decode_speed(lm.model, lm.tok, s["speed_tokens"])
+    row["seconds"] = time.perf_counter() - t0
+    return row

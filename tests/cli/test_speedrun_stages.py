@@ -1,0 +1,33 @@
+"""The speedrun's held-out tasks: balanced per kind and never among the training prompts."""
+
+import copy
+
+import pytest
+
+from lmzoo.cli.speedrun import SETTINGS
+from lmzoo.cli.speedrun_stages import builtin_data, held_out_tasks
+from lmzoo.data.instructions import builtin_sft_data
+from lmzoo.errors import ConfigError
+
+
+@pytest.mark.parametrize("setting", ["tiny", "default"])
+def test_held_out_tasks_are_unseen_by_sft_and_grpo_and_balanced(setting):
+    s = SETTINGS[setting]
+    tasks = held_out_tasks(s, seed=0)
+    assert sorted(tasks) == sorted(s["tasks"]["kinds"])
+    assert {len(v) for v in tasks.values()} == {s["tasks"]["n_eval"]}
+    b = builtin_data(s, 0)
+    built = builtin_sft_data(n=b["n"], seed=0, n_eval=0, kinds=b["kinds"], level=b["level"],
+                             translation_fraction=b["translation_fraction"])
+    seen = {m["content"] for c in built.train for m in c if m["role"] == "user"}
+    prompts = [t.prompt for ts in tasks.values() for t in ts]
+    assert not seen & set(prompts) and len(set(prompts)) == len(prompts)
+    assert {t.prompt for t in built.train_tasks} <= seen  # GRPO's prompts are SFT's tasks: unseen by both
+    assert all(t.kind == k for k, ts in tasks.items() for t in ts)
+
+
+def test_a_kind_without_enough_unseen_problems_is_refused():
+    s = copy.deepcopy(SETTINGS["tiny"])
+    s["tasks"].update(kinds=["mul"], level="easy", n=3000, n_eval=150)  # 100 products, all in training
+    with pytest.raises(ConfigError, match="mul tasks at level easy are unseen"):
+        held_out_tasks(s, seed=0)
