@@ -127,6 +127,7 @@ def test_stages_run_a_subset_and_later_calls_add_to_it(tmp_path, capsys):
     (["--resume"], "holds no speedrun state (state.json) to resume"),
     (["--stages", "sft"], "it starts from pretrain's model"),
     (["--stages", "quantize"], "holds no trained model to quantize"),
+    (["--minutes", "0"], "--minutes must be a positive number of minutes, got 0"),
 ])
 def test_speedrun_refusals_are_one_line_before_any_work(tmp_path, capsys, argv, needle):
     assert main(["speedrun", "--tiny", "--out", str(tmp_path / "new"), "--no-progress", *argv]) == 1
