@@ -14,7 +14,7 @@ speedrun.png show the report card (stage x metric), the curves and the time each
 The stages' step counts fill --minutes on *this* machine (from a measured pretraining step) and are
 fixed for the run; a killed run continues with --resume at the stage and step where it stopped.
 Examples:
-  lmzoo speedrun                          # about 11 minutes on 2 CPU cores
+  lmzoo speedrun                          # about 10 minutes on 2 CPU cores
   lmzoo speedrun --tiny --out /tmp/sr     # well under a minute: the end-to-end check the tests run
   lmzoo speedrun --out runs/sr --resume   # continue an interrupted run
   lmzoo speedrun --out runs/sr --stages pretrain sft   # a subset (later: --resume --stages grpo quantize)
@@ -53,14 +53,14 @@ SETTINGS = {
     "default": dict(
         minutes=11.0,
         pretrain=dict(scale=1.0, vocab_size=2048, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352,
-                      context=512, seq_len=128, batch_size=16, lr=3e-3, warmup=30, n_evals=4, share=0.2, cost=1.0,
+                      context=512, seq_len=128, batch_size=16, lr=3e-3, warmup=30, n_evals=4, share=0.16, cost=1.0,
                       min_steps=40, max_steps=5000),
         tasks=dict(n=8000, n_eval=100, n_hook=200, level="small", kinds=KINDS, translation_fraction=0.1,
                    max_new_tokens=12),
-        sft=dict(seq_len=128, batch_size=16, lr=3e-3, warmup=20, n_evals=4, share=0.38, cost=1.0, min_steps=40,
+        sft=dict(seq_len=128, batch_size=16, lr=3e-3, warmup=20, n_evals=4, share=0.5, cost=1.0, min_steps=40,
                  max_steps=5000),
         grpo=dict(batch_size=128, group_size=8, temperature=1.0, epochs=2, minibatches=2, lr=1e-4, beta=0.04,
-                  warmup=0, n_evals=4, share=0.3, cost=1.5, min_steps=8, max_steps=3000),
+                  warmup=0, n_evals=4, share=0.28, cost=1.4, min_steps=8, max_steps=3000),
         sample_tokens=32, speed_tokens=64),
     "tiny": dict(
         minutes=None, threads=1,  # tiny ops: a second thread only waits

@@ -97,13 +97,14 @@ def test_unigram_baseline_by_hand():
 
 
 def test_task_levels_bound_the_numbers():
-    """easy ≤ 20, medium ≤ 99 (two-digit operands: 10,000 additions, too many to memorise), full ≤ 999."""
+    """easy ≤ 20, small ≤ 30, medium ≤ 99 (two-digit operands: 10,000 additions, too many to memorise),
+    full ≤ 999."""
     import re
 
     from lmzoo.data.tasks import LEVELS, check, make_tasks
 
-    assert set(LEVELS) == {"easy", "medium", "full"}
-    for level, hi in (("easy", 20), ("medium", 99), ("full", 999)):
+    assert set(LEVELS) == {"easy", "small", "medium", "full"}
+    for level, hi in (("easy", 20), ("small", 30), ("medium", 99), ("full", 999)):
         tasks = make_tasks("add", 400, seed=3, level=level)
         operands = [int(x) for t in tasks for x in re.findall(r"\d+", t.prompt)]
         assert max(operands) <= hi and max(operands) > hi * 0.9, level
