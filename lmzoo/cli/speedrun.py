@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from lmzoo.cli.speedrun_stages import say
 from lmzoo.errors import LmzooError
 
 HELP = "the main job: pretrain, SFT, GRPO, quantize and evaluate a small LLaMA on built-in data; one report"
@@ -103,10 +104,6 @@ def run(args) -> int:
         torch.set_num_threads(threads)
 
 
-def _say(msg: str) -> None:
-    print(msg, flush=True)
-
-
 def open_state(args, out: Path, setting: str, stages: list[str]) -> dict:
     """The run's state.json (plan, finished stages, evaluations), checked against what is asked."""
     from lmzoo.train.atomic import read_json
@@ -153,7 +150,7 @@ def plan_maker(s: dict, state: dict, args, save):
                f"{threads} thread{'s' if threads > 1 else ''}")
         state["plan"] = {"steps": steps, "threads": threads, "sec_per_step": sec, "minutes": minutes, "how": how}
         save()
-        _say(f"  plan: {', '.join(f'{k} {v} steps' for k, v in steps.items())} ({how})")
+        say(f"  plan: {', '.join(f'{k} {v} steps' for k, v in steps.items())} ({how})")
 
     return plan
 
@@ -177,14 +174,14 @@ def _run(args, s: dict) -> int:
     funcs = {"pretrain": lambda: st.pretrain(s, out, state, args, plan_maker(s, state, args, save)),
              "sft": lambda: st.sft(s, out, state, args), "grpo": lambda: st.grpo(s, out, state, args),
              "quantize": lambda: st.quantize(s, out, state, args)}
-    _say(f"lmzoo speedrun ({setting} setting) -> {out}")
+    say(f"lmzoo speedrun ({setting} setting) -> {out}")
     t_run = time.perf_counter()
     for i, stage in enumerate(stages, 1):
         done = state["stages"].get(stage, {})
         if done.get("done"):
-            _say(f"[{i}/{len(stages)}] {stage}: done in an earlier call ({done['seconds']:.0f} s), kept")
+            say(f"[{i}/{len(stages)}] {stage}: done in an earlier call ({done['seconds']:.0f} s), kept")
             continue
-        _say(f"[{i}/{len(stages)}] {stage}: {ABOUT[stage]} -> {out / ('quantized' if stage == 'quantize' else stage)}")
+        say(f"[{i}/{len(stages)}] {stage}: {ABOUT[stage]} -> {out / ('quantized' if stage == 'quantize' else stage)}")
         state["stages"][stage] = {"started": True}  # a later --resume continues it from its checkpoints
         save()
         t = time.perf_counter()
@@ -195,14 +192,14 @@ def _run(args, s: dict) -> int:
             if made_by == stage:
                 state["evals"].pop(label, None)
         save()
-        _say(f"  {stage}: {state['stages'][stage]['seconds']:.0f} s")
+        say(f"  {stage}: {state['stages'][stage]['seconds']:.0f} s")
     evaluate_rows(s, out, state, args, save)
     total = time.perf_counter() - t_run
     state["seconds"] = state.get("seconds", 0.0) + total  # every call's time: a resumed run adds up
     save()
     report = write_report(out, state, s)
-    _say(f"report: {report}; total {total:.0f} s")
-    _say(f"  chat:  lmzoo chat --model {st.last_trained(out)}")
+    say(f"report: {report}; total {total:.0f} s")
+    say(f"  chat:  lmzoo chat --model {st.last_trained(out)}")
     return 0
 
 
@@ -216,17 +213,18 @@ def evaluate_rows(s: dict, out: Path, state: dict, args, save) -> None:
         return
     tasks = st.held_out_tasks(s, args.seed)
     texts = builtin_text(n=8 if args.tiny else 40)
-    _say(f"evaluating {', '.join(label for label, _ in todo)}: {sum(map(len, tasks.values()))} held-out tasks "
+    say(f"evaluating {', '.join(label for label, _ in todo)}: {sum(map(len, tasks.values()))} held-out tasks "
          f"({', '.join(f'{k} {len(v)}' for k, v in tasks.items())}), {len(texts)} fresh built-in documents")
     for label, path in todo:
         row = st.evaluate(s, path, tasks, texts, speed=not path.suffix == ".gguf")
         state["evals"][label] = row
         save()
         speed = f", {row['decode_tok_s']:.0f} tok/s" if "decode_tok_s" in row else ""
-        _say(f"  {label:10s} exact match {row['mean_exact_match']:.3f} "
+        say(f"  {label:10s} exact match {row['mean_exact_match']:.3f} "
              f"({', '.join(f'{k} {v:.2f}' for k, v in row['exact_match'].items())}), perplexity "
              f"{row['perplexity']:.2f}, {row['bytes'] / 1e6:.2f} MB{speed}")
-    if state["stages"].get("quantize", {}).get("done") and "grpo" in state["evals"]:
-        drop = state["evals"]["grpo"]["mean_exact_match"] - state["evals"]["gguf q8_0"]["mean_exact_match"]
+    source = state["stages"].get("quantize", {}).get("source")  # the model that was quantized
+    if source in state["evals"] and "gguf q8_0" in state["evals"]:
+        drop = state["evals"][source]["mean_exact_match"] - state["evals"]["gguf q8_0"]["mean_exact_match"]
         if drop > 0.02:
             print(f"warning: the quantized model loses {drop:.3f} exact match", file=sys.stderr)

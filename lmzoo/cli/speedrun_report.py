@@ -17,7 +17,7 @@ import math
 import sys
 from pathlib import Path
 
-from lmzoo.cli.speedrun_stages import SAMPLE_PROMPTS
+from lmzoo.cli.speedrun_stages import PROMPTS
 
 
 def _metrics(path: Path) -> list[dict]:
@@ -126,7 +126,8 @@ def card_table(state: dict) -> list[str]:
     """The report card: one row per stage's model, held-out exact match per task and the rest."""
     evals, stages = ordered(state)
     kinds = sorted({k for e in evals.values() for k in e["exact_match"]})
-    float_bytes = next((evals[x]["bytes"] for x in ("grpo", "sft", "pretrain") if x in evals), None)
+    source = stages.get("quantize", {}).get("source")  # the float model the quantized rows come from
+    float_bytes = evals[source]["bytes"] if source in evals else None
     head = ["model", "stage time", "**exact match**", *kinds, "perplexity", "size", "decode tok/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, e in evals.items():
@@ -134,7 +135,7 @@ def card_table(state: dict) -> list[str]:
         size = f"{e['bytes'] / 1e6:.2f} MB"
         if float_bytes and label in ("int8", "gguf q8_0"):
             size += f" ({e['bytes'] / float_bytes:.0%})"
-        cells = [label, f"{stage.get('seconds', 0):.0f} s" if label not in ("gguf q8_0",) else "",
+        cells = [label, f"{stage.get('seconds', 0):.0f} s" if label != "gguf q8_0" else "",
                  f"**{e['mean_exact_match']:.3f}**", *[f"{e['exact_match'].get(k, math.nan):.2f}" for k in kinds],
                  f"{e['perplexity']:.2f}", size, f"{e['decode_tok_s']:.0f}" if "decode_tok_s" in e else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -188,11 +189,10 @@ def write_report(out: Path, state: dict, s: dict) -> Path:
                      f"in Q8_0 ({x['kept_codes'][0]} of {x['kept_codes'][1]} matrices kept their codes; embeddings "
                      "and head in Q8_0 too): its row is scored on the file's weights.")
     if evals:
-        prompts = [q for qs in SAMPLE_PROMPTS.values() for q in qs]
         lines += ["", "## Samples (greedy)", "", "| prompt | " + " | ".join(evals) + " |",
                   "|" + "---|" * (len(evals) + 1)]
         lines += [f"| {_cell(q)} | " + " | ".join(_cell(e["samples"].get(q, "")) for e in evals.values()) + " |"
-                  for q in prompts]
+                  for q in PROMPTS]
     final = next((rel for lab, _, rel in reversed(ROWS[:3]) if stages.get(lab, {}).get("done")), None)
     lines += ["", "## Use it", "", "```bash"]
     if final:

@@ -26,6 +26,7 @@ from lmzoo.errors import ConfigError
 SAMPLE_PROMPTS = {"en": ["What is 12 + 7?", "Write 58 in Chinese numerals.", "Sort ascending: 7 2 9",
                          "Translate into Chinese: Today Beijing is sunny."],
                   "zh": ["计算 15 - 6。", "把 九十三 写成阿拉伯数字。", "从小到大排序：8 1 5", "把下面的句子翻译成英文：今天北京晴天。"]}
+PROMPTS = [q for qs in SAMPLE_PROMPTS.values() for q in qs]  # the order every model answers them in
 SPEED_PROMPT = "The number 305 is written"
 
 
@@ -86,7 +87,7 @@ def corpus_and_tokenizer(s: dict, out: Path, seed: int):
 
 
 def pretrain(s: dict, out: Path, state: dict, args, plan_steps) -> dict:
-    """Tokenizer, token file, unigram baseline, then lmzoo.train; ``plan_steps(seconds_per_step, note)``
+    """Tokenizer, token file, unigram baseline, then lmzoo.train; ``plan_steps(seconds_per_step, threads)``
     fixes every stage's step count once, from this machine's measured pretraining step."""
     from lmzoo.data import pretraining_batches
     from lmzoo.data.baselines import perplexity, unigram_cross_entropy
@@ -115,11 +116,7 @@ def pretrain(s: dict, out: Path, state: dict, args, plan_steps) -> dict:
         plan_steps(sec, threads)
     torch.set_num_threads(state["plan"]["threads"])
     steps = state["plan"]["steps"]["pretrain"]
-    tcfg = TrainConfig(steps=steps, lr=p["lr"], min_lr=p["lr"] / 10, warmup_steps=min(p["warmup"], steps // 4),
-                       schedule="cosine", weight_decay=0.1, clip_grad=1.0, seed=seed, precision=args.precision,
-                       log_every=max(1, min(10, steps // 20)), eval_every=max(1, math.ceil(steps / p["n_evals"])),
-                       save_every=max(1, steps // 4), keep_last=1, progress=not args.no_progress, plot=True,
-                       device="cpu")
+    tcfg = TrainConfig.from_dict(train_section(p, steps, args, weight_decay=0.1, plot=True), "speedrun pretrain")
     say(f"  a {model.num_parameters() / 1e6:.2f}M-parameter LLaMA (d_model {cfg.d_model}, {cfg.n_layers} layers, "
         f"{cfg.n_heads} query / {cfg.n_kv_heads} KV heads), {steps} steps of {p['batch_size']} x {p['seq_len']} "
         f"tokens, {torch.get_num_threads()} thread(s)")
@@ -146,13 +143,14 @@ def builtin_data(s: dict, seed: int) -> dict:
             "translation_fraction": t["translation_fraction"]}
 
 
-def _train_section(sec: dict, steps: int, args, n_evals: int) -> dict:
+def train_section(sec: dict, steps: int, args, **extra) -> dict:
+    """Every stage's TrainConfig fields: cosine from the stage's lr to lr/10, ``n_evals`` evaluations (the
+    last is the final one), four checkpoints for --resume; ``extra`` overrides (weight decay, plot)."""
     return {"steps": steps, "lr": sec["lr"], "min_lr": sec["lr"] / 10, "warmup_steps": min(sec["warmup"], steps // 4),
             "schedule": "cosine", "weight_decay": 0.0, "clip_grad": 1.0, "seed": args.seed,
             "precision": args.precision, "log_every": max(1, min(10, steps // 20)),
-            "eval_every": max(1, math.ceil(steps / n_evals)),  # the last evaluation is the final one
-            "save_every": max(1, steps // 4), "keep_last": 1,
-            "progress": not args.no_progress, "device": "cpu"}
+            "eval_every": max(1, math.ceil(steps / sec["n_evals"])), "save_every": max(1, steps // 4),
+            "keep_last": 1, "progress": not args.no_progress, "device": "cpu", **extra}
 
 
 def sft(s: dict, out: Path, state: dict, args) -> dict:
@@ -161,7 +159,7 @@ def sft(s: dict, out: Path, state: dict, args) -> dict:
     sec, steps = s["sft"], state["plan"]["steps"]["sft"]
     cfg = {"data": {"seq_len": sec["seq_len"], "batch_size": sec["batch_size"], "builtin": builtin_data(s, args.seed)},
            "eval": {"n": s["tasks"]["n_hook"], "max_new_tokens": s["tasks"]["max_new_tokens"]},
-           "loss": {"chunk": 0}, "train": _train_section(sec, steps, args, sec["n_evals"])}
+           "loss": {"chunk": 0}, "train": train_section(sec, steps, args)}
     say(f"  {steps} steps of {sec['batch_size']} packed rows of {sec['seq_len']} tokens, lr {sec['lr']:g}")
     r = run(cfg, out / "pretrain" / "final", out / "sft", resume_or_start=True, source="speedrun sft")
     return {"steps": steps, "data": r.data_summary, "accuracy_hook": [r.accuracy_before, r.accuracy_after]}
@@ -176,7 +174,7 @@ def grpo(s: dict, out: Path, state: dict, args) -> dict:
                        "temperature": sec["temperature"], "epochs": sec["epochs"], "minibatches": sec["minibatches"]},
            "reward": {"spec": "task:all"}, "loss": {"beta": sec["beta"]},
            "eval": {"n": s["tasks"]["n_hook"], "max_new_tokens": s["tasks"]["max_new_tokens"], "samples": 4},
-           "train": _train_section(sec, steps, args, sec["n_evals"])}
+           "train": train_section(sec, steps, args)}
     say(f"  {steps} steps: G={sec['group_size']}, {sec['batch_size']} responses per rollout, each rollout "
         f"{sec['epochs']} pass(es) x {sec['minibatches']} minibatch(es), lr {sec['lr']:g}, beta {sec['beta']:g}")
     r = run_grpo(cfg, out / "sft" / "final", out / "grpo", resume_or_start=True, source="speedrun grpo")
@@ -292,12 +290,12 @@ def evaluate(s: dict, path: Path, tasks: dict[str, list], texts: list[str], *, s
     scores = {k: score_tasks(lm, k, ts, max_new_tokens=max_new) for k, ts in tasks.items()}
     exact = {k: r.metrics["exact_match"] for k, r in scores.items()}
     ppl = text_perplexity(lm.model, lm.tok, texts, batch_size=lm.batch_size)
-    replies = lm.replies([p for ps in SAMPLE_PROMPTS.values() for p in ps], max_new_tokens=s["sample_tokens"])
+    replies = lm.replies(PROMPTS, max_new_tokens=s["sample_tokens"])
     row = {"exact_match": exact, "mean_exact_match": sum(exact.values()) / len(exact),
            "n_tasks": {k: len(v) for k, v in tasks.items()}, "examples": {k: r.examples[:2] for k, r in scores.items()},
            "perplexity": ppl["perplexity"], "bits_per_byte": ppl["bits_per_byte"], "bytes": weight_bytes(path),
            "file_bytes": path.stat().st_size if path.is_file() else None,
-           "samples": dict(zip([p for ps in SAMPLE_PROMPTS.values() for p in ps], replies)),
+           "samples": dict(zip(PROMPTS, replies)),
            "template": "plain (Question/Answer)" if lm.plain else "chat"}
     if speed:
         row["decode_tok_s"] = decode_speed(lm.model, lm.tok, s["speed_tokens"])
