@@ -12,8 +12,8 @@ module:function (called as function(prompts, responses, **ctx) -> one float per 
 model directory (lmzoo reward's final/). --data: JSONL of {"prompt": text or messages} records, with
 "kind" and "answer" for task: rewards; other fields reach the reward as ctx["records"]. The log has
 reward/mean, reward/std, kl (to the reference, when beta > 0), entropy, clip_fraction,
-response_length and, on the built-in tasks, the held-out exact-match accuracy of greedy answers
-(before the first step and at every evaluation); samples.jsonl holds greedy replies at each
+response_length and, on the built-in tasks (or --held-out's with --data), the held-out exact-match accuracy
+of greedy answers (before the first step and at every evaluation); samples.jsonl holds greedy replies at each
 evaluation; grpo.png plots reward, KL and accuracy. One process, or torchrun with --parallel ddp or
 fsdp (FSDP2: the ranks decode in step). See docs/rl.md.
 """
@@ -29,7 +29,7 @@ OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.
              "precision": "train.precision", "device": "train.device", "batch_size": "data.batch_size",
              "template": "data.template", "group_size": "rollout.group_size",
              "max_new_tokens": "rollout.max_new_tokens", "temperature": "rollout.temperature",
-             "beta": "loss.beta", "reward": "reward.spec", "parallel": "train.parallel"}
+             "beta": "loss.beta", "reward": "reward.spec", "parallel": "train.parallel", "held_out": "data.held_out"}
 
 
 def add_arguments(p) -> None:
@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
                    "(default: the config's, task:all)")
     p.add_argument("--data", nargs="+", metavar="FILE", help="prompt files (JSONL {prompt, [kind, answer]}); "
                    "default: the built-in tasks")
+    p.add_argument("--held-out", metavar="FILE", help="verifiable tasks (JSONL {prompt, kind, answer}) never trained "
+                   "on, whose exact-match accuracy is measured as --data trains (the built-in tasks hold out their own)")
     p.add_argument("--config", default="grpo/tiny", help="run config (default: grpo/tiny, shipped)")
     p.add_argument("--out", required=True, help="the run folder")
     p.add_argument("--template", help="chat template (default: the model's own)")

@@ -76,11 +76,19 @@ def _main(argv: list[str] | None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
+    finished = False
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        finished = True
+        return code
     except LmzooError as e:
         print(f"lmzoo {args.command}: error: {e}", file=sys.stderr)
         return 1
+    finally:  # a torchrun rank leaves its process group before exit; nothing to leave if torch never loaded
+        if "torch.distributed" in sys.modules:
+            from lmzoo.train.distributed import teardown
+
+            teardown(finished)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ and the ratio is exactly 1, TRL's choice). Prompts, reference, parallelism and t
 ``lmzoo.stages.rl``'s.
 
 A run config (``configs/grpo/tiny.yaml``) has the sections
-  data:    files (JSONL prompts; empty: built-in tasks), template, batch_size (responses per rollout, all
-           ranks), builtin: {n, n_eval, lang, level, kinds, seed, translation_fraction}
+  data:    files (JSONL prompts; empty: built-in tasks), held_out (a JSONL of verifiable tasks whose accuracy
+           is measured as it trains, with files), template, batch_size (responses per rollout, all ranks),
+           builtin: {n, n_eval, lang, level, kinds, seed, translation_fraction}
   rollout: group_size (G), max_new_tokens, temperature, top_p, top_k, epochs (μ), minibatches
   reward:  spec (task:NAME | module:function | reward-model dir | a list), format_reward,
            missing_eos_penalty, length_target, length_penalty
@@ -36,7 +37,7 @@ from lmzoo.stages import rl
 from lmzoo.stages import StageResult
 from lmzoo.train import TrainConfig, Trainer
 
-SECTIONS = {"data": {"files", "template", "batch_size", "builtin"},
+SECTIONS = {"data": {"files", "held_out", "template", "batch_size", "builtin"},
             "rollout": {"group_size", "max_new_tokens", "temperature", "top_p", "top_k", "epochs", "minibatches"},
             "reward": {"spec", "format_reward", "missing_eos_penalty", "length_target", "length_penalty"},
             "loss": {"beta", "eps_low", "eps_high", "loss_type", "scale", "kl_ratio_correction"},
@@ -54,6 +55,9 @@ def check_config(cfg: dict, source: str = "config") -> None:
 
     check_sections(cfg, SECTIONS, source, "a GRPO", INTEGERS)
     rl.check_builtin(cfg.get("data") or {}, source)
+    if (cfg.get("data") or {}).get("held_out") and not cfg["data"].get("files"):
+        raise ConfigError(f"{source}: data.held_out is for prompts from files (--data); the built-in tasks hold "
+                          "out their own")
     ro, loss = cfg.get("rollout") or {}, cfg.get("loss") or {}
     if ro.get("group_size", 8) < 2:
         raise ConfigError(f"{source}: rollout.group_size must be at least 2 (GRPO compares a prompt's responses), "

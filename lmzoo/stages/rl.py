@@ -14,6 +14,9 @@ line::
     {"prompt": [{"role": "system", ...}, {"role": "user", ...}]}    messages ending with a user turn
     {"prompt": "What is 2 + 3?", "kind": "add", "answer": "5"}      a verifiable task (for task: rewards)
 
+``data.held_out`` (GRPO) names a file of such verifiable records, never trained on: the accuracy the
+run measures as it trains (built-in data holds out its own).
+
 Any other fields are kept: a reward function gets them as ``ctx["records"]`` (TRL passes a dataset's
 extra columns to its reward functions the same way). Rewards get ``ctx["tasks"]`` (a ``Task`` or None
 per response) too; a ``task:`` reward over a file without ``kind``/``answer`` is refused before training.
@@ -80,7 +83,9 @@ def rl_prompts(data: dict, seed: int) -> RLPrompts:
 
     if data.get("files"):
         prompts = [p for f in data["files"] for p in read_prompts(f)]
-        return RLPrompts(prompts, [], f"{len(prompts)} prompts from {', '.join(map(str, data['files']))}")
+        held = held_out_tasks(data["held_out"]) if data.get("held_out") else []
+        return RLPrompts(prompts, held, f"{len(prompts)} prompts from {', '.join(map(str, data['files']))}"
+                         + (f", {len(held)} held-out tasks from {data['held_out']}" if held else ""))
     opts = {**BUILTIN_DEFAULTS, "seed": seed, **(data.get("builtin") or {})}
     built = builtin_sft_data(n=opts["n"], seed=opts["seed"], lang=opts["lang"], n_eval=opts["n_eval"],
                              kinds=opts["kinds"], level=opts["level"],
@@ -127,6 +132,17 @@ def read_prompts(path) -> list[Prompt]:
     if not out:
         raise ConfigError(f"--data {path}: holds no prompt")
     return out
+
+
+def held_out_tasks(path) -> list:
+    """``data.held_out``: a JSONL file of verifiable records (``kind`` and ``answer`` on every one) whose
+    accuracy the run measures as it trains, for prompts from files (built-in data holds out its own)."""
+    prompts = read_prompts(path)
+    for k, p in enumerate(prompts, 1):
+        if p.task is None or not isinstance(p.prompt, str):
+            raise ConfigError(f"data.held_out {path}: record {k} is not a verifiable task (a text 'prompt' with "
+                              "'kind' and 'answer')")
+    return [p.task for p in prompts]
 
 
 def needs_tasks(spec) -> bool:

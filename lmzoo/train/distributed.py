@@ -71,6 +71,18 @@ def setup(parallel: str, device: str = "auto") -> DistEnv:
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, dev, parallel)
 
 
+def teardown(finished: bool) -> None:
+    """Leave the process group, if this process joined one. Left to interpreter exit, gloo's worker
+    threads are destroyed still joinable and a rank can abort after its work is done ("terminate called
+    without an active exception"). After a finished command the ranks meet first, so none tears down
+    while another still talks to it; after a failure they do not (the others may never arrive)."""
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 def find_blocks(model: nn.Module) -> list[nn.Module]:
     """The transformer blocks: the items of every ``nn.ModuleList`` whose items have an ``attn``.
 

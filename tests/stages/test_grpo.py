@@ -129,6 +129,8 @@ def test_bad_input_is_one_clear_error(base, prompts_file, tmp_path, capsys):
         (["--data", str(long), "--reward", "tests.stages.test_grpo:sevens"], "prompt 1 is"),
         (["--data", str(bare)], "a task: reward needs each prompt's task"),
         ([*data, "--set", "rollout.temperature=0"], "rollout.temperature must be > 0"),
+        ([*data, "--held-out", str(bare)], "record 1 is not a verifiable task"),
+        (["--held-out", str(prompts_file)], "data.held_out is for prompts from files"),
     ]
     for extra, message in cases:
         assert main(["grpo", "--model", str(base), "--out", str(tmp_path / "never"), "--steps", "1", *TINY,
@@ -136,6 +138,20 @@ def test_bad_input_is_one_clear_error(base, prompts_file, tmp_path, capsys):
         err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
         assert len(err) == 1 and err[0].startswith("lmzoo grpo: error:") and message in err[0], (extra, err)
     assert not (tmp_path / "never" / "final").exists()
+
+
+def test_prompt_files_measure_accuracy_on_a_held_out_file(base, prompts_file, tmp_path):
+    """--held-out: with --data, the accuracy of greedy answers to the file's tasks is measured before the
+    first step and at the end, as on the built-in tasks (and not without it)."""
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"What is {i} + 2?", "kind": "add", "answer": str(i + 2)}) + "\n"
+                            for i in range(5)), encoding="utf-8")
+    for extra, out in ((["--held-out", str(held)], "with"), ([], "without")):
+        assert main(["grpo", "--model", str(base), "--data", str(prompts_file), "--out", str(tmp_path / out),
+                     "--reward", "tests.stages.test_grpo:sevens", "--steps", "2", *TINY, *extra]) == 0
+    evals = records(tmp_path / "with", "eval")
+    assert [r["step"] for r in evals] == [0, 2] and all(0 <= r["accuracy"] <= 1 for r in evals), evals
+    assert not any("accuracy" in r for r in records(tmp_path / "without", "eval"))
 
 
 def test_resume_at_a_rollout_boundary_ends_with_the_uninterrupted_weights(base, prompts_file, tmp_path, capsys):
