@@ -60,8 +60,8 @@ SETTINGS = {
                    max_new_tokens=12),
         sft=dict(seq_len=128, batch_size=16, lr=3e-3, warmup=20, n_evals=4, share=0.5, cost=1.0, min_steps=40,
                  max_steps=5000),
-        grpo=dict(batch_size=128, group_size=8, temperature=1.0, epochs=2, minibatches=2, lr=1e-4, beta=0.04,
-                  warmup=0, n_evals=4, share=0.28, cost=1.4, min_steps=8, max_steps=3000),
+        grpo=dict(n_prompts=1800, batch_size=128, group_size=8, temperature=1.0, epochs=2, minibatches=2, lr=1e-4,
+                  beta=0.04, warmup=0, n_evals=4, share=0.28, cost=1.4, min_steps=8, max_steps=3000),
         sample_tokens=32, speed_tokens=64),
     "tiny": dict(
         minutes=None, threads=1,  # tiny ops: a second thread only waits
@@ -70,8 +70,8 @@ SETTINGS = {
         tasks=dict(n=300, n_eval=5, n_hook=12, level="small", kinds=KINDS, translation_fraction=0.1,
                    max_new_tokens=8),
         sft=dict(seq_len=96, batch_size=8, lr=3e-3, warmup=3, n_evals=2, steps=20),
-        grpo=dict(batch_size=16, group_size=4, temperature=1.0, epochs=1, minibatches=2, lr=1e-4, beta=0.04,
-                  warmup=0, n_evals=2, steps=6),
+        grpo=dict(n_prompts=200, batch_size=16, group_size=4, temperature=1.0, epochs=1, minibatches=2, lr=1e-4,
+                  beta=0.04, warmup=0, n_evals=2, steps=6),
         sample_tokens=8, speed_tokens=8),
 }
 
@@ -223,6 +223,11 @@ def evaluate_rows(s: dict, out: Path, state: dict, args, save) -> None:
         say(f"  {label:10s} exact match {row['mean_exact_match']:.3f} "
              f"({', '.join(f'{k} {v:.2f}' for k, v in row['exact_match'].items())}), perplexity "
              f"{row['perplexity']:.2f}, {row['bytes'] / 1e6:.2f} MB{speed}")
+    from lmzoo.cli.speedrun_report import changes
+
+    for label, src, c in changes(state):
+        say(f"  {label} against {src}: {c['change'] * 100:+.1f} points ({c['gained']} newly right, {c['lost']} "
+            f"newly wrong; sign test p {c['p']:.2g})")
     source = state["stages"].get("quantize", {}).get("source")  # the model that was quantized
     if source in state["evals"] and "gguf q8_0" in state["evals"]:
         drop = state["evals"][source]["mean_exact_match"] - state["evals"]["gguf q8_0"]["mean_exact_match"]

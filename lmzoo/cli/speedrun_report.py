@@ -142,6 +142,32 @@ def card_table(state: dict) -> list[str]:
     return lines
 
 
+def changes(state: dict) -> list[tuple[str, str, dict]]:
+    """(model, the model it came from, ``paired_change`` on the same held-out tasks) for each stage's model
+    against the one before it (the quantized ones against the model that was quantized)."""
+    from lmzoo.eval.suite import paired_change
+
+    evals, stages = ordered(state)
+    source = stages.get("quantize", {}).get("source")
+    before = {"sft": "pretrain", "grpo": "sft", "int8": source, "gguf q8_0": source}
+    bits = lambda e: [c == "1" for k in sorted(e["right"]) for c in e["right"][k]]  # noqa: E731
+    return [(label, before[label], paired_change(bits(evals[before[label]]), bits(e)))
+            for label, e in evals.items() if before.get(label) in evals and "right" in e
+            and "right" in evals[before[label]]]
+
+
+def change_table(state: dict) -> list[str]:
+    rows = changes(state)
+    if not rows:
+        return []
+    lines = ["", "Each model against the one it was made from, on the same tasks: the tasks it got right that "
+             "the other missed and the reverse, and the exact sign test's p-value (McNemar) of the change.", "",
+             "| model | from | exact match change | newly right | newly wrong | p |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {src} | {c['change'] * 100:+.1f} points | {c['gained']} | {c['lost']} | "
+              f"{c['p']:.2g} |" for label, src, c in rows]
+    return lines
+
+
 def write_report(out: Path, state: dict, s: dict) -> Path:
     from lmzoo.cli.speedrun import ROWS
 
@@ -158,7 +184,7 @@ def write_report(out: Path, state: dict, s: dict) -> Path:
              f"or GRPO's prompts; {', '.join(f'{k} {n}' for k, n in n_tasks.items())}), scored by value; "
              "perplexity of fresh built-in text (documents no stage trained on); size: the weights' files "
              "(% of the float model); decode: greedy tokens/s of one sequence with lmzoo on this machine.", ""]
-    lines += card_table(state)
+    lines += card_table(state) + change_table(state)
     if fig is not None:
         lines += ["", f"![report card, curves, time, size]({fig.name})"]
     lines += ["", "## Stages", ""]

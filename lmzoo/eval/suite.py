@@ -28,6 +28,7 @@ is the clean number there.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -102,6 +103,7 @@ class TaskResult:
     metrics: dict[str, float]
     n: int
     examples: list[dict] = field(default_factory=list)  # a few prompts, answers and replies for the report
+    right: list[bool] = field(default_factory=list)  # per item, for paired comparisons (generative tasks)
 
     def to_dict(self) -> dict:
         return {**self.metrics, "n": self.n, "examples": self.examples}
@@ -121,7 +123,21 @@ def score_tasks(lm, name: str, tasks: list[Task], *, max_new_tokens: int = 24) -
     right = [check(t, r) for t, r in zip(tasks, replies)]
     examples = [{"prompt": t.prompt, "answer": t.answer, "reply": r, "right": ok}
                 for t, r, ok in list(zip(tasks, replies, right))[:4]]
-    return TaskResult(name, {"exact_match": sum(right) / len(tasks)}, len(tasks), examples)
+    return TaskResult(name, {"exact_match": sum(right) / len(tasks)}, len(tasks), examples, right)
+
+
+def paired_change(before: list[bool], after: list[bool]) -> dict:
+    """Two models' right/wrong on the same items: how many each got right that the other missed, the
+    change in exact match, and the two-sided exact sign test's p-value on those discordant items
+    (McNemar's exact test: under "no change" each discordant item goes either way with probability 1/2).
+    On the same items this is far more sensitive than two accuracies' separate error bars."""
+    if len(before) != len(after) or not before:
+        raise ConfigError(f"paired_change: {len(before)} and {len(after)} items; the same non-empty items needed")
+    gained = sum(1 for a, b in zip(before, after) if b and not a)
+    lost = sum(1 for a, b in zip(before, after) if a and not b)
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n if n else 1.0
+    return {"gained": gained, "lost": lost, "change": (gained - lost) / len(before), "p": min(1.0, 2 * tail)}
 
 
 def run_choice(lm, name: str, n: int, *, seed: int = EVAL_SEED, level: str = "easy") -> TaskResult:

@@ -84,6 +84,16 @@ def test_tiny_speedrun_killed_in_grpo_resumes_there_and_reports_every_stage(tmp_
     assert "## Report card" in report and "## Samples" in report and "lmzoo chat --model" in report
     assert all(f"| {label} |" in report for label in ROWS)
     assert "llama-cli -m" in report and "lmzoo serve --model" in report
+    # each model against the one it came from, task by task on the same tasks (the right/wrong bits kept)
+    for label, row in ev.items():
+        assert {k: len(v) for k, v in row["right"].items()} == row["n_tasks"]
+        assert {k: v.count("1") / len(v) for k, v in row["right"].items()} == row["exact_match"]
+    for label, src in (("sft", "pretrain"), ("grpo", "sft"), ("int8", "grpo"), ("gguf q8_0", "grpo")):
+        assert f"| {label} | {src} | " in report, label
+    # the GRPO prompts on disk: none of them held out, the held-out file is the report's tasks
+    held = {json.loads(x)["prompt"] for x in (out / "data" / "held_out.jsonl").read_text().splitlines()}
+    rl = [json.loads(x) for x in (out / "data" / "grpo_prompts.jsonl").read_text().splitlines()]
+    assert len(held) == 25 and not held & {r["prompt"] for r in rl} and all(r["kind"] and r["answer"] for r in rl)
 
     # the final model loads, chats, and its GGUF file is the quantized model's weights
     final = out / "grpo" / "final"

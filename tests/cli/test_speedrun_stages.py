@@ -1,11 +1,12 @@
-"""The speedrun's held-out tasks: balanced per kind and never among the training prompts."""
+"""The speedrun's held-out tasks: balanced per kind and never among the training prompts (SFT's
+conversations, GRPO's prompts, which are drawn afresh)."""
 
 import copy
 
 import pytest
 
 from lmzoo.cli.speedrun import SETTINGS
-from lmzoo.cli.speedrun_stages import builtin_data, held_out_tasks
+from lmzoo.cli.speedrun_stages import builtin_data, grpo_prompts, held_out_tasks
 from lmzoo.data.instructions import builtin_sft_data
 from lmzoo.errors import ConfigError
 
@@ -22,8 +23,12 @@ def test_held_out_tasks_are_unseen_by_sft_and_grpo_and_balanced(setting):
     seen = {m["content"] for c in built.train for m in c if m["role"] == "user"}
     prompts = [t.prompt for ts in tasks.values() for t in ts]
     assert not seen & set(prompts) and len(set(prompts)) == len(prompts)
-    assert {t.prompt for t in built.train_tasks} <= seen  # GRPO's prompts are SFT's tasks: unseen by both
     assert all(t.kind == k for k, ts in tasks.items() for t in ts)
+    rl = grpo_prompts(s, 0, tasks)
+    assert len(rl) == s["grpo"]["n_prompts"] and not {t.prompt for t in rl} & set(prompts)
+    assert {t.kind for t in rl} == set(s["tasks"]["kinds"])
+    if setting == "default":  # drawn afresh: many of GRPO's prompts are new to SFT (the point of the draw)
+        assert len({t.prompt for t in rl} - seen) > 0.3 * len(rl)
 
 
 def test_a_kind_without_enough_unseen_problems_is_refused():

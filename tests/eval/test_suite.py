@@ -7,7 +7,8 @@ import pytest
 
 from lmzoo.data.tasks import check, make_tasks
 from lmzoo.errors import ConfigError
-from lmzoo.eval.suite import CHOICE, GENERATIVE, N_OPTIONS, choice_items, run_tasks, score_tasks, task_names
+from lmzoo.eval.suite import (CHOICE, GENERATIVE, N_OPTIONS, choice_items, paired_change, run_tasks, score_tasks,
+                              task_names)
 
 
 class OracleStubLM:
@@ -80,5 +81,19 @@ def test_score_tasks_scores_the_tasks_it_is_given_and_refuses_none():
     lm.answers[tasks[0].prompt] = "0 0 0"  # one wrong
     r = score_tasks(lm, "sort", tasks)
     assert r.n == 8 and r.metrics["exact_match"] == 7 / 8 and r.examples[0]["right"] is False
+    assert r.right == [False] + [True] * 7
     with pytest.raises(ConfigError, match="no items"):
         score_tasks(lm, "sort", [])
+
+
+def test_paired_change_counts_discordant_items_and_gives_the_exact_sign_test():
+    # 10 items right only after, 2 right only before, 8 alike: P(X <= 2 | n 12, 1/2) = 79 / 4096, two-sided x2
+    before = [False] * 10 + [True] * 2 + [True] * 5 + [False] * 3
+    after = [True] * 10 + [False] * 2 + [True] * 5 + [False] * 3
+    r = paired_change(before, after)
+    assert (r["gained"], r["lost"], r["change"]) == (10, 2, 8 / 20) and r["p"] == pytest.approx(2 * 79 / 4096)
+    assert paired_change(after, before)["p"] == r["p"] and paired_change(after, before)["change"] == -8 / 20
+    assert paired_change([True, False], [True, False]) == {"gained": 0, "lost": 0, "change": 0.0, "p": 1.0}
+    assert paired_change([False] * 3, [True] * 3)["p"] == 0.25  # 3 of 3 one way: 2 / 8
+    with pytest.raises(ConfigError, match="the same non-empty items"):
+        paired_change([True], [True, False])
