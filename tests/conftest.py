@@ -3,6 +3,10 @@ import os
 import pytest
 import torch
 
+# No test reaches the Hugging Face Hub: huggingface_hub (and transformers) read this when first imported,
+# so a Hub id that is not in the local cache fails at once (lmzoo/interop/hub.py)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 # `make test` runs two pytest-xdist workers; each takes its share of the cores (one each on two cores).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // WORKERS)))
@@ -41,3 +45,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def hub_repos(tmp_path_factory):
+    """A Hub cache holding tiny models transformers and PEFT saved (tests/hub_cache.py)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from tests.hub_cache import build
+
+    return build(tmp_path_factory.mktemp("hub"))
+
+
+@pytest.fixture
+def offline_hub(hub_repos, monkeypatch):
+    """huggingface_hub reading ``hub_repos``' cache, offline. It reads HF_HUB_CACHE and HF_HUB_OFFLINE once, at
+    import, so its constants are set as well as the environment (which a subprocess reads)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HOME", str(hub_repos.home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub_repos.cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_repos.cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub_repos

@@ -205,8 +205,8 @@ def run(args) -> int:
     args.max_new_tokens = DEFAULT_MAX_NEW_TOKENS if given is None else given
     check_settings(args)
     if not Path(args.model).is_dir():
-        raise LmzooError(f"--model '{args.model}' is not a directory: chat needs a checkpoint directory with a "
-                         "tokenizer (a preset has neither weights worth talking to nor a tokenizer)")
+        raise LmzooError(f"--model '{args.model}' is not a directory: chat needs a checkpoint directory (or a Hub id) "
+                         "with a tokenizer (a preset has neither weights worth talking to nor a tokenizer)")
     require_decoder(args.model, "chat")
     tok = _tokenizer(args.model)
     if tok is None:

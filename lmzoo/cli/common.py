@@ -1,5 +1,6 @@
-"""Helpers shared by the subcommands: resolving ``--model`` (a preset name or a checkpoint directory),
-refusing models that cannot do what the command asks, and refusing models that do not fit in memory."""
+"""Helpers shared by the subcommands: resolving ``--model`` (a checkpoint directory, a preset name or a
+Hugging Face Hub id), refusing models that cannot do what the command asks, and refusing models that do
+not fit in memory."""
 
 from __future__ import annotations
 
@@ -17,18 +18,76 @@ DECODER_SHAPES = ("causal decoder", "prefix decoder", "encoder-decoder")
 
 
 def add_model_argument(p, required: bool = True, shapes: tuple[str, ...] | None = None) -> None:
-    """``--model``; its help lists the presets whose ``Family.shape`` is in ``shapes`` (None: every preset),
-    so a command that refuses encoders (``DECODER_SHAPES``) does not offer them."""
+    """``--model`` and ``--revision``; the help lists the presets whose ``Family.shape`` is in ``shapes``
+    (None: every preset), so a command that refuses encoders (``DECODER_SHAPES``) does not offer them."""
     names = sorted(n for n, (fam, _) in presets().items() if shapes is None or fam.shape in shapes)
     p.add_argument("--model", required=required,
                    help="a checkpoint directory (Hugging Face layout) or a preset name "
-                        f"({', '.join(names)}); a preset gets random weights")
+                        f"({', '.join(names)}) or a Hub id (org/name), in that order; a preset gets random weights")
+    add_revision_argument(p)
     add_memory_argument(p)
+    takes_model(p, "model", allow_presets=True)
 
 
 def add_memory_argument(p) -> None:
     p.add_argument("--skip-memory-check", action="store_true",
                    help="build the model even when its estimated size exceeds the memory available")
+
+
+# -- names: a directory, a preset or a Hub id ----------------------------------------------------
+def add_revision_argument(p) -> None:
+    p.add_argument("--revision", help="with a Hub id as --model: its branch, tag or commit (default: main)")
+
+
+def takes_model(p, dest: str, *, allow_presets: bool = False, kind: str = "model", strict: bool = True) -> None:
+    """Mark the argument ``dest`` of the command parser ``p`` as a model's name: before the command runs,
+    ``main`` puts the local snapshot of a Hub id given there in its place (``resolve_names``). ``allow_presets``:
+    the command builds presets too (they come before Hub ids); ``kind``: the files it reads
+    (``lmzoo.interop.hub.FILES``); ``strict=False``: a name that is no Hub id either is left to the command
+    (``--reward task:add``)."""
+    marked = dict(p.get_default("model_names") or {})
+    marked[dest] = (allow_presets, kind, strict)
+    p.set_defaults(model_names=marked)
+
+
+def resolve_names(args) -> None:
+    """Every argument ``takes_model`` marked, resolved in place; ``--revision`` goes with ``--model``."""
+    marked = getattr(args, "model_names", None) or {}
+    revision = getattr(args, "revision", None)
+    if "model" in marked and revision is not None and args.model is None:
+        raise LmzooError(f"--revision {revision} goes with a Hub id as --model")
+    for dest, (allow_presets, kind, strict) in marked.items():
+        value, flag = getattr(args, dest, None), "--" + dest.replace("_", "-")
+        how = dict(allow_presets=allow_presets, kind=kind, strict=strict)
+        if isinstance(value, list):  # --compare DIR DIR ...
+            setattr(args, dest, [resolve_name(v, flag, **how) for v in value])
+        elif value is not None:
+            setattr(args, dest, resolve_name(value, flag, revision=revision if dest == "model" else None, **how))
+
+
+def resolve_name(spec: str, flag: str = "--model", *, revision: str | None = None, allow_presets: bool = True,
+                 kind: str = "model", strict: bool = True) -> str:
+    """``spec`` when it is a local path or a preset, in that order; else the local snapshot of the Hub id
+    ``spec`` (lmzoo/interop/hub.py), with a note on stderr saying which was used."""
+    from lmzoo.interop import hub
+
+    what = "a local directory" if Path(spec).is_dir() else "a local file" if Path(spec).exists() else \
+        "a preset" if allow_presets and spec in presets() else None
+    if what is not None:
+        if revision is not None:
+            raise LmzooError(f"--revision {revision} applies to a Hub id, and {flag} '{spec}' is {what}")
+        if what != "a preset" and "/" in spec and hub.is_repo_id(spec):  # spelled like org/name: say which
+            print(f"note: '{spec}' is {what}, read instead of the Hub id of that name", file=sys.stderr)
+        return spec
+    neither = "neither a directory nor a preset" if allow_presets else "not a directory"
+    if not hub.is_repo_id(spec):
+        if not strict:
+            return spec
+        listed = f"; presets: {sorted(presets())}" if allow_presets else ""
+        raise LmzooError(f"{flag} '{spec}' is {neither}, nor a Hub id (org/name){listed}")
+    path = hub.resolve(spec, revision=revision, kind=kind, who=f"{flag} '{spec}' is {neither}, and as a Hub id it")
+    print(f"note: '{spec}' is a Hub id: {path} (revision {revision or 'main'})", file=sys.stderr)
+    return str(path)
 
 
 def family_of(spec: str) -> Family:

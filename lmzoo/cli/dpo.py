@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lmzoo.cli.reward import OVERRIDES as REWARD_OVERRIDES
-from lmzoo.cli.common import run_stage
+from lmzoo.cli.common import run_stage, takes_model
 from lmzoo.cli.reward import add_common
 
 HELP = ("DPO and its variants (IPO, hinge, robust, SimPO, ORPO; KTO on unpaired data) on preference data or the "
@@ -35,7 +35,9 @@ def add_arguments(p) -> None:
     p.add_argument("--loss", choices=["sigmoid", "hinge", "ipo", "robust", "simpo", "orpo", "kto"],
                    help="the preference loss (default: the config's, sigmoid)")
     p.add_argument("--beta", type=float, help="β (default: the config's; SimPO's own default is 2)")
-    p.add_argument("--ref", metavar="DIR", help="the reference model (default: the starting model)")
+    p.add_argument("--ref", metavar="DIR", help="the reference model, a directory or a Hub id (default: the "
+                   "starting model)")
+    takes_model(p, "ref")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters; the frozen base is the reference")
     p.add_argument("--qlora", action="store_true", help="LoRA on an NF4 base")
 

@@ -19,6 +19,7 @@ import json
 import sys
 from pathlib import Path
 
+from lmzoo.cli.common import add_revision_argument, takes_model
 from lmzoo.errors import ConfigError
 
 HELP = "perplexity, built-in tasks and lm-eval tasks of one model or several side by side"
@@ -26,10 +27,13 @@ HELP = "perplexity, built-in tasks and lm-eval tasks of one model or several sid
 
 def add_arguments(p) -> None:
     p.add_argument("--model", metavar="DIR", help="a model directory with its tokenizer (a run's final/, a "
-                   "quantized checkpoint, any Hugging Face decoder lmzoo loads)")
-    p.add_argument("--compare", nargs="+", metavar="DIR", help="several model directories, evaluated alike and "
-                   "shown side by side (after --model, when both are given)")
-    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter to put on --model")
+                   "quantized checkpoint, any Hugging Face decoder lmzoo loads) or a Hub id (org/name)")
+    add_revision_argument(p)
+    p.add_argument("--compare", nargs="+", metavar="DIR", help="several model directories (or Hub ids), evaluated "
+                   "alike and shown side by side (after --model, when both are given)")
+    p.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter to put on --model (a directory or a Hub id)")
+    for dest, kind in (("model", "model"), ("compare", "model"), ("adapter", "adapter")):
+        takes_model(p, dest, kind=kind)
     p.add_argument("--data", nargs="+", metavar="FILE", help="text to score (.txt, .jsonl, .json, .parquet, a "
                    "datasets folder; one document per file, record or row); 'built-in': fresh built-in text")
     p.add_argument("--field", help="the JSON key / column of the text (default: text)")

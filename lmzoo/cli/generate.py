@@ -5,6 +5,7 @@ vocab.txt or *.tiktoken; see lmzoo.load_tokenizer), --prompt takes text; otherwi
 Examples:
   lmzoo generate --model path/to/llama --prompt "The capital of France is" --max-new-tokens 20
   lmzoo generate --model gpt2 --ids "464 3139 286 4881 318" --max-new-tokens 5   # random weights
+  lmzoo generate --model TinyLlama/TinyLlama-1.1B-Chat-v1.0 --prompt "Hello" --max-new-tokens 20   # a Hub id
 
 Text output stops before the end-of-sequence token and leaves special tokens out; --ids output
 prints every id generated, the EOS id included. Sampling settings are checked before the model is
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 import lmzoo
-from lmzoo.cli.common import DECODER_SHAPES, add_model_argument, require_decoder, resolve_model
+from lmzoo.cli.common import DECODER_SHAPES, add_model_argument, require_decoder, resolve_model, takes_model
 from lmzoo.errors import LmzooError
 from lmzoo.generate.sampling import LogitsProcessor
 from lmzoo.generate.compiled import compile_for_decode
@@ -44,8 +45,10 @@ def add_arguments(p) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (faster tokens after a "
                    "20-40 s compile on first use; needs a C++ compiler, else decodes eagerly with a message)")
     spec = p.add_mutually_exclusive_group()
-    spec.add_argument("--draft", metavar="DIR", help="speculative decoding with this draft model (same vocabulary); "
-                      "greedy output is unchanged, sampled output keeps the model's distribution")
+    spec.add_argument("--draft", metavar="DIR", help="speculative decoding with this draft model (same vocabulary; "
+                      "a directory, preset or Hub id); greedy output is unchanged, sampled output keeps the model's "
+                      "distribution")
+    takes_model(p, "draft", allow_presets=True)
     spec.add_argument("--prompt-lookup", type=int, metavar="N", help="speculative decoding drafted by matching the "
                       "last N tokens earlier in the text (no draft model)")
     p.add_argument("--draft-k", type=int, default=4, help="tokens drafted per round (with --draft / --prompt-lookup)")

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmzoo.cli.common import add_run_flags, run_stage
+from lmzoo.cli.common import add_revision_argument, add_run_flags, run_stage, takes_model
 
 HELP = "GRPO (group relative policy optimisation) with verifiable rewards, reward functions or a reward model"
 OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.save_every", "lr": "train.lr",
@@ -34,9 +34,12 @@ OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="the starting policy (an SFT run's final/, or any "
-                   "causal decoder directory with its tokenizer)")
-    p.add_argument("--reward", metavar="SPEC", help="task:NAME | module:function | a reward-model directory "
-                   "(default: the config's, task:all)")
+                   "causal decoder directory with its tokenizer, or its Hub id)")
+    add_revision_argument(p)
+    p.add_argument("--reward", metavar="SPEC", help="task:NAME | module:function | a reward-model directory or Hub "
+                   "id (default: the config's, task:all)")
+    takes_model(p, "model")
+    takes_model(p, "reward", strict=False)  # task:NAME and module:function are no Hub ids
     p.add_argument("--data", nargs="+", metavar="FILE", help="prompt files (JSONL {prompt, [kind, answer]}); "
                    "default: the built-in tasks")
     p.add_argument("--held-out", metavar="FILE", help="verifiable tasks (JSONL {prompt, kind, answer}) never trained "

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from lmzoo.cli.common import add_revision_argument, takes_model
 from lmzoo.cli.zoo import human, human_bytes
 from lmzoo.errors import ConfigError, LmzooError
 from lmzoo.interop.checkpoint import as_dtype, build, read_hf_config
@@ -406,7 +407,10 @@ def plot_compare(spec: str, out: Path, max_tokens: int, batch: int, nbytes: int,
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="a preset name or a checkpoint directory (only config.json is read)")
+    p.add_argument("--model", required=True, help="a checkpoint directory, a preset name or a Hub id (only "
+                   "config.json is read)")
+    add_revision_argument(p)
+    takes_model(p, "model", allow_presets=True, kind="config")
     p.add_argument("--tokens", type=int, required=True, help="tokens in the cache (context length)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--source-tokens", type=int,

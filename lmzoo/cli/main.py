@@ -9,7 +9,7 @@ import sys
 from lmzoo.errors import LmzooError
 
 COMMANDS = ["speedrun", "zoo", "generate", "chat", "serve", "convert", "export", "kvcache", "masks", "tokenizer", "quantize",
-            "compare-archs", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "eval", "train"]
+            "compare-archs", "pretrain", "sft", "reward", "dpo", "ppo", "grpo", "eval", "train", "download"]
 
 # What a shell reports for a process killed by SIGPIPE (128 + 13): `lmzoo zoo --json | head` exits
 # as `cat` would, without a traceback.
@@ -78,6 +78,9 @@ def _main(argv: list[str] | None) -> int:
         return 2
     finished = False
     try:
+        from lmzoo.cli.common import resolve_names
+
+        resolve_names(args)  # a Hub id given as --model (or --adapter, --ref, ...) becomes its local snapshot
         code = args.run(args) or 0
         finished = True
         return code

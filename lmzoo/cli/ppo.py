@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmzoo.cli.common import add_run_flags, run_stage
+from lmzoo.cli.common import add_revision_argument, add_run_flags, run_stage, takes_model
 
 HELP = "PPO against a reward model (or task:/module: rewards) with a KL penalty to the starting model"
 OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.save_every", "lr": "train.lr",
@@ -32,9 +32,12 @@ OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="the starting policy (an SFT run's final/, or any "
-                   "causal decoder directory with its tokenizer); also the reference")
-    p.add_argument("--reward", required=True, metavar="SPEC", help="a reward-model directory, task:NAME or "
-                   "module:function")
+                   "causal decoder directory with its tokenizer, or its Hub id); also the reference")
+    add_revision_argument(p)
+    p.add_argument("--reward", required=True, metavar="SPEC", help="a reward-model directory or Hub id, task:NAME "
+                   "or module:function")
+    takes_model(p, "model")
+    takes_model(p, "reward", strict=False)  # task:NAME and module:function are no Hub ids
     p.add_argument("--data", nargs="+", metavar="FILE", help="prompt files (JSONL {\"prompt\": ...}); default: the "
                    "built-in task prompts")
     p.add_argument("--config", default="ppo/tiny", help="run config (default: ppo/tiny, shipped)")

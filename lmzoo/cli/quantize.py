@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 import lmzoo
-from lmzoo.cli.common import add_memory_argument, check_memory, estimate_bytes
+from lmzoo.cli.common import add_memory_argument, add_revision_argument, check_memory, estimate_bytes, takes_model
 from lmzoo.data.readers import read_utf8
 from lmzoo.errors import LmzooError
 from lmzoo.interop.checkpoint import read_hf_config
@@ -49,7 +49,9 @@ BUILTIN_SCALE = 0.1  # ~240,000 characters, far more than the windows need; toke
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout)")
+    p.add_argument("--model", required=True, help="checkpoint directory (Hugging Face layout) or Hub id")
+    add_revision_argument(p)
+    takes_model(p, "model")
     add_memory_argument(p)
     p.add_argument("--method", help=f"one of {', '.join(sorted(METHODS))} (default gptq)")
     p.add_argument("--bits", type=int, help="bit width (default: the method's)")

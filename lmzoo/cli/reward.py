@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmzoo.cli.common import add_run_flags, run_stage
+from lmzoo.cli.common import add_revision_argument, add_run_flags, run_stage, takes_model
 
 HELP = "train a reward model (Bradley–Terry) on preference pairs or the built-in ones"
 OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.save_every", "lr": "train.lr",
@@ -27,7 +27,9 @@ OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.
 
 def add_common(p, default_config: str) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="the starting model (an SFT run's final/, or any "
-                   "causal decoder directory with its tokenizer)")
+                   "causal decoder directory with its tokenizer, or its Hub id)")
+    add_revision_argument(p)
+    takes_model(p, "model")
     p.add_argument("--data", nargs="+", metavar="FILE", help="preference files (.json, .jsonl, .parquet, a datasets "
                    "folder); default: built-in pairs (a task's right answer chosen over a wrong one)")
     p.add_argument("--config", default=default_config, help=f"run config (default: {default_config}, shipped)")

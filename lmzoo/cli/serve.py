@@ -24,14 +24,16 @@ import errno
 import os
 import socket
 
-from lmzoo.cli.common import add_memory_argument
+from lmzoo.cli.common import add_memory_argument, add_revision_argument, takes_model
 from lmzoo.errors import LmzooError
 
 HELP = "serve a model directory over an OpenAI-compatible HTTP API (continuous batching, streaming)"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--model", required=True, help="a checkpoint directory with a tokenizer")
+    p.add_argument("--model", required=True, help="a checkpoint directory with a tokenizer, or a Hub id")
+    add_revision_argument(p)
+    takes_model(p, "model")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                        "only; 0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000)

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from lmzoo.cli.common import add_revision_argument, takes_model
+
 HELP = "supervised finetuning (full, --lora, --qlora) on conversations or the built-in instruction data"
 DEFAULT_CONFIG = "sft/tiny"
 OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.save_every", "lr": "train.lr",
@@ -32,7 +34,9 @@ OVERRIDES = {"steps": "train.steps", "seed": "train.seed", "save_every": "train.
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="the decoder to finetune: a Hugging Face model "
-                   "directory or a run's final/ (it must carry its tokenizer)")
+                   "directory, a run's final/ (it must carry its tokenizer) or a Hub id")
+    add_revision_argument(p)
+    takes_model(p, "model")
     p.add_argument("--data", nargs="+", metavar="FILE", help="conversation files (.json, .jsonl, .parquet, a "
                    "datasets folder); default: the built-in instruction data")
     p.add_argument("--config", default=DEFAULT_CONFIG, help=f"an SFT run config (default: {DEFAULT_CONFIG}, the "
@@ -97,7 +101,10 @@ def run(args) -> int:
     from lmzoo.train import TrainingInterrupted
 
     cfg, path = build_config(args)  # every argument is checked before the model loads
-    out = Path(args.out) if args.out else Path("runs") / f"sft-{Path(args.model).resolve().name}"
+    from lmzoo.interop.hub import repo_id_of
+
+    name = (repo_id_of(args.model) or str(Path(args.model).resolve())).rsplit("/", 1)[-1]  # a snapshot: its id's
+    out = Path(args.out) if args.out else Path("runs") / f"sft-{name}"
     try:
         with warnings.catch_warnings():
             warnings.showwarning = lambda message, *_a, **_k: print(f"lmzoo sft: warning: {message}", file=sys.stderr)

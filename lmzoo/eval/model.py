@@ -62,7 +62,7 @@ class EvalModel:
         if tok.vocab_size > model.config.vocab_size:
             raise ConfigError(f"--model {path}: its tokenizer has {tok.vocab_size} tokens, more than the model's "
                               f"vocab_size {model.config.vocab_size}")
-        label = name or (f"{path.name}+{Path(adapter).name}" if adapter else _label(path))
+        label = name or (f"{_short(path)}+{_short(Path(adapter))}" if adapter else _label(path))
         return cls(model.eval(), tok, template=template, name=label, batch_size=batch_size)
 
     # -- generation ---------------------------------------------------------------------------
@@ -137,4 +137,11 @@ class EvalModel:
 
 def _label(path: Path) -> str:
     """A run's final/ is named after its run folder (runs/sft/final -> sft)."""
-    return path.parent.name if path.name == "final" and path.parent.name else path.name
+    return path.parent.name if path.name == "final" and path.parent.name else _short(path)
+
+
+def _short(path: Path) -> str:
+    """A folder's name; a Hub cache snapshot's (models--org--name/snapshots/<commit>) is its Hub id."""
+    from lmzoo.interop.hub import repo_id_of
+
+    return repo_id_of(path) or path.name

@@ -102,10 +102,15 @@ def _buffers_only(fam: Family, cfg):
     return small.named_buffers()
 
 
-def load(path: str | Path, *, dtype=None, device=None, attn_kernel: str | None = None) -> nn.Module:
-    """Load a Hugging Face-layout directory (config.json + safetensors, single or sharded), or a
-    llama ``.gguf`` file (lmzoo/interop/gguf.py; its tokenizer comes with ``read_gguf``)."""
-    directory = Path(path)
+def load(path: str | Path, *, revision: str | None = None, dtype=None, device=None,
+         attn_kernel: str | None = None) -> nn.Module:
+    """Load a Hugging Face-layout directory (config.json + safetensors, single or sharded), a llama
+    ``.gguf`` file (lmzoo/interop/gguf.py; its tokenizer comes with ``read_gguf``), or a Hub id
+    (``"org/name"``, not a local path: the snapshot of the local Hub cache, else downloaded;
+    lmzoo/interop/hub.py) at ``revision`` (a branch, tag or commit; default main)."""
+    from lmzoo.interop.hub import local
+
+    directory = local(path, revision=revision)
     if directory.suffix == ".gguf" and directory.is_file():
         from lmzoo.interop.gguf import read_gguf
 

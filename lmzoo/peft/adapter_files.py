@@ -118,8 +118,10 @@ def read_config(directory: Path) -> dict:
 def load_adapter(model: nn.Module, directory: str | Path, *, trainable: bool = True, dtype=None) -> nn.Module:
     """Put the adapter PEFT (or ``save_adapter``) wrote in ``directory`` on ``model``, in place; the base
     is frozen, the adapters train unless ``trainable=False``. A model quantized first (``lmzoo.quantize``
-    to NF4) takes the adapter as well: QLoRA inference."""
-    directory = Path(directory)
+    to NF4) takes the adapter as well: QLoRA inference. ``directory`` may be a Hub id (lmzoo/interop/hub.py)."""
+    from lmzoo.interop.hub import local
+
+    directory = local(directory, kind="adapter")
     cfg = read_config(directory)
     if adapters(model):
         raise LmzooError("load_adapter: the model already has LoRA adapters; unload_lora(model) first")

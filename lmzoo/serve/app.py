@@ -184,7 +184,8 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise LmzooError(f"--model '{model_dir}' is not a directory: lmzoo serve serves a checkpoint directory")
+        raise LmzooError(f"--model '{model_dir}' is not a directory: lmzoo serve serves a checkpoint directory "
+                         "(or a Hub id's)")
     fam = require_decoder(str(model_dir), "lmzoo serve")
     if find_tokenizer(str(model_dir)) is None:
         raise LmzooError(f"'{model_dir}' has no tokenizer (tokenizer.json, tokenizer.model, vocab.json + merges.txt, "
@@ -204,6 +205,8 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
                      max_batched_tokens=max_batched_tokens, prefix_caching=True)
     eos = _eos_ids(model, tok)
     chat_stops = list(dict.fromkeys(eos + stop_ids(tok, source)))
-    served = Served(name=served_name or model_dir.resolve().name, tok=tok, template=source, chat_stop_ids=chat_stops,
+    from lmzoo.interop.hub import repo_id_of
+
+    served = Served(name=served_name or repo_id_of(model_dir) or model_dir.resolve().name, tok=tok, template=source, chat_stop_ids=chat_stops,
                     eos_ids=eos, vocab_size=model.config.vocab_size, engine=AsyncEngine(eng, max_queue=max_queue))
     return build_app(served, api_key=api_key)

@@ -198,9 +198,12 @@ def load_tokenizer(path, flavor: str | None = None, **options) -> Tokenizer:
     ``flavor`` overrides what lmzoo guesses for a ``.model`` (``sentencepiece``, ``chatglm-6b``,
     ``chatglm2``, ``chatglm3``) or ``.tiktoken`` file (``qwen``, ``cl100k_base``). ``options``
     go to the reader: ``image_tokens=0`` (ChatGLM-6B's later release), ``pattern=`` and
-    ``special_tokens=`` (another tiktoken file), ``lowercase=`` (a BERT vocab.txt).
+    ``special_tokens=`` (another tiktoken file), ``lowercase=`` (a BERT vocab.txt). A Hub id
+    (``"org/name"``, not a local path) reads the tokenizer files of its snapshot (lmzoo/interop/hub.py).
     """
-    path = Path(path)
+    from lmzoo.interop.hub import local
+
+    path = local(path, kind="tokenizer")
     if not path.exists():
         raise ConfigError(f"{path}: no such file or directory")
     if path.is_dir():
