@@ -155,6 +155,32 @@ def plan_maker(s: dict, state: dict, args, save):
     return plan
 
 
+def refit(s: dict, state: dict, stage: str) -> None:
+    """Before a training stage that has not started: its steps again from the machine's speed as the stage
+    before it measured it (its seconds per planned step over its relative cost). Shared machines change
+    speed within minutes (pretraining's step took 0.13 s at the start of a run and 0.26 s later in it), so
+    one measurement at the start would leave the later stages too long or too short. A stage keeps its
+    share of the budget; an earlier overrun is not taken out of it."""
+    plan = state.get("plan") or {}
+    if plan.get("minutes") is None or "steps" in s[stage]:
+        return  # fixed steps (tiny), or a plan made before this was kept
+    order = ["pretrain", "sft", "grpo"]
+    # a resumed stage's seconds are its last call's only: no measure of the machine
+    before = [x for x in order[:order.index(stage)] if state["stages"].get(x, {}).get("done")
+              and not state["stages"][x].get("resumed")]
+    if not before:
+        return
+    prev, info = before[-1], state["stages"][before[-1]]
+    sec = info["seconds"] / (plan["steps"][prev] * s[prev]["cost"])  # per pretraining-step equivalent
+    n = int(plan["minutes"] * 60 * s[stage]["share"] / (sec * s[stage]["cost"]))
+    steps = max(s[stage]["min_steps"], min(s[stage]["max_steps"], n))
+    if steps != plan["steps"][stage]:
+        say(f"  refit: {stage} {plan['steps'][stage]} -> {steps} steps ({prev} ran at {sec:.2f} s per "
+            f"pretraining-step equivalent, planned {plan['sec_per_step']:.2f})")
+    plan["steps"][stage] = steps
+    plan.setdefault("refit", {})[stage] = {"from": prev, "sec_per_step": sec, "steps": steps}
+
+
 def _run(args, s: dict) -> int:
     from lmzoo.cli import speedrun_stages as st
     from lmzoo.cli.speedrun_report import write_report
@@ -182,6 +208,8 @@ def _run(args, s: dict) -> int:
             say(f"[{i}/{len(stages)}] {stage}: done in an earlier call ({done['seconds']:.0f} s), kept")
             continue
         say(f"[{i}/{len(stages)}] {stage}: {ABOUT[stage]} -> {out / ('quantized' if stage == 'quantize' else stage)}")
+        if stage in ("sft", "grpo") and not done.get("started"):  # a started stage keeps its steps (checkpoints)
+            refit(s, state, stage)
         state["stages"][stage] = {"started": True}  # a later --resume continues it from its checkpoints
         save()
         t = time.perf_counter()

@@ -178,7 +178,9 @@ def write_report(out: Path, state: dict, s: dict) -> Path:
     lines = ["# lmzoo speedrun", "",
              f"Setting **{state['setting']}**, seed {state['seed']}, {state['precision']}, "
              f"{plan.get('threads', '?')} CPU thread(s); {state.get('seconds', 0):.0f} s in all. "
-             f"Step counts: {plan.get('how', '')}.", "",
+             f"Step counts: {plan.get('how', '')}"
+             + "".join(f"; {x} refit to {r['steps']} steps at the {r['sec_per_step']:.2f} s {r['from']} measured"
+                       for x, r in plan.get("refit", {}).items()) + ".", "",
              "## Report card", "",
              f"Greedy answers to held-out built-in tasks (level {t['level']}; never among SFT's conversations "
              f"or GRPO's prompts; {', '.join(f'{k} {n}' for k, n in n_tasks.items())}), scored by value; "

@@ -36,3 +36,26 @@ def test_a_kind_without_enough_unseen_problems_is_refused():
     s["tasks"].update(kinds=["mul"], level="easy", n=3000, n_eval=150)  # 100 products, all in training
     with pytest.raises(ConfigError, match="mul tasks at level easy are unseen"):
         held_out_tasks(s, seed=0)
+
+
+def test_refit_sizes_a_later_stage_from_the_speed_the_stage_before_measured():
+    """The machine ran pretraining at 0.3 s per step where 0.2 was planned: SFT gets its share of the
+    budget at the measured speed (2/3 of the planned steps); a resumed stage's seconds measure nothing."""
+    from lmzoo.cli.speedrun import refit
+
+    s = SETTINGS["default"]
+    sec, minutes = 0.2, 10.0
+    steps = {x: int(minutes * 60 * s[x]["share"] / (sec * s[x]["cost"])) for x in ("pretrain", "sft", "grpo")}
+    state = {"plan": {"steps": dict(steps), "minutes": minutes, "sec_per_step": sec},
+             "stages": {"pretrain": {"done": True, "seconds": 0.3 * steps["pretrain"]}}}
+    refit(s, state, "sft")
+    assert state["plan"]["steps"]["sft"] == int(minutes * 60 * s["sft"]["share"] / 0.3)
+    assert state["plan"]["refit"]["sft"]["from"] == "pretrain"
+    state["stages"]["sft"] = {"done": True, "resumed": True, "seconds": 1.0}
+    before = dict(state["plan"]["steps"])
+    refit(s, state, "grpo")  # measured by pretraining again, not by the resumed SFT's last call
+    assert state["plan"]["steps"]["grpo"] == int(minutes * 60 * s["grpo"]["share"] / (0.3 * s["grpo"]["cost"]))
+    assert before["sft"] == state["plan"]["steps"]["sft"]
+    tiny = {"plan": {"steps": {"sft": 20}, "minutes": None}, "stages": {"pretrain": {"done": True, "seconds": 9}}}
+    refit(SETTINGS["tiny"], tiny, "sft")
+    assert tiny["plan"]["steps"]["sft"] == 20  # fixed steps stay
