@@ -43,7 +43,7 @@ def takes_model(p, dest: str, *, allow_presets: bool = False, kind: str = "model
     """Mark the argument ``dest`` of the command parser ``p`` as a model's name: before the command runs,
     ``main`` puts the local snapshot of a Hub id given there in its place (``resolve_names``). ``allow_presets``:
     the command builds presets too (they come before Hub ids); ``kind``: the files it reads
-    (``lmzoo.interop.hub.FILES``); ``strict=False``: a name that is no Hub id either is left to the command
+    (``lmzoo.interop.hub.FILES``); ``strict=False``: a name that is no org/name Hub id is left to the command
     (``--reward task:add``)."""
     marked = dict(p.get_default("model_names") or {})
     marked[dest] = (allow_presets, kind, strict)
@@ -80,8 +80,8 @@ def resolve_name(spec: str, flag: str = "--model", *, revision: str | None = Non
             print(f"note: '{spec}' is {what}, read instead of the Hub id of that name", file=sys.stderr)
         return spec
     neither = "neither a directory nor a preset" if allow_presets else "not a directory"
-    if not hub.is_repo_id(spec):
-        if not strict:
+    if not hub.is_repo_id(spec) or (not strict and "/" not in spec):
+        if not strict:  # a bare word is the command's to judge (--reward nonsense: not a reward spec either)
             return spec
         listed = f"; presets: {sorted(presets())}" if allow_presets else ""
         raise LmzooError(f"{flag} '{spec}' is {neither}, nor a Hub id (org/name){listed}")

@@ -207,6 +207,7 @@ def create_app(model_dir, *, served_name: str | None = None, max_batch: int = 32
     chat_stops = list(dict.fromkeys(eos + stop_ids(tok, source)))
     from lmzoo.interop.hub import repo_id_of
 
-    served = Served(name=served_name or repo_id_of(model_dir) or model_dir.resolve().name, tok=tok, template=source, chat_stop_ids=chat_stops,
-                    eos_ids=eos, vocab_size=model.config.vocab_size, engine=AsyncEngine(eng, max_queue=max_queue))
+    name = served_name or repo_id_of(model_dir) or model_dir.resolve().name  # a Hub snapshot is served by its id
+    served = Served(name=name, tok=tok, template=source, chat_stop_ids=chat_stops, eos_ids=eos,
+                    vocab_size=model.config.vocab_size, engine=AsyncEngine(eng, max_queue=max_queue))
     return build_app(served, api_key=api_key)
