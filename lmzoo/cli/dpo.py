@@ -13,7 +13,8 @@ split into a desirable and an undesirable example; loss.desirable_weight and los
 are λ_D, λ_U; lmzoo.stages.kto). The reference's log-probs are computed once over the data before
 the first step. The log lists TRL's statistics (rewards/chosen, rewards/rejected, rewards/accuracies,
 rewards/margins, logps/chosen, logps/rejected; KTO's kl, its reference point), on held-out data at
-every evaluation, and on the built-in data the exact-match accuracy of greedy answers. See
+every evaluation, and on the built-in data (or --held-out's tasks with --data) the exact-match accuracy
+of greedy answers. See
 docs/preference.md.
 """
 
@@ -27,7 +28,7 @@ from lmzoo.cli.reward import add_common
 
 HELP = ("DPO and its variants (IPO, hinge, robust, SimPO, ORPO; KTO on unpaired data) on preference data or the "
         "built-in pairs")
-OVERRIDES = {**REWARD_OVERRIDES, "loss": "loss.name", "beta": "loss.beta"}
+OVERRIDES = {**REWARD_OVERRIDES, "loss": "loss.name", "beta": "loss.beta", "held_out": "data.held_out"}
 
 
 def add_arguments(p) -> None:
@@ -38,6 +39,9 @@ def add_arguments(p) -> None:
     p.add_argument("--ref", metavar="DIR", help="the reference model, a directory or a Hub id (default: the "
                    "starting model)")
     takes_model(p, "ref")
+    p.add_argument("--held-out", metavar="FILE", help="verifiable tasks (JSONL {prompt, kind, answer}) never trained "
+                   "on, whose greedy exact-match accuracy is measured as --data trains (built-in pairs hold out "
+                   "their own)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters; the frozen base is the reference")
     p.add_argument("--qlora", action="store_true", help="LoRA on an NF4 base")
 

@@ -6,7 +6,8 @@ Nothing is downloaded; everything lands in the run folder (--out), one sub-folde
      lmzoo.train -> tokenizer/, pretrain/;
   2. sft: supervised finetuning on lmzoo's built-in instruction data (arithmetic, Chinese numerals,
      sorting, translations) with a chat template -> sft/;
-  3. grpo: GRPO on the built-in tasks, rewarded by their checkers -> grpo/;
+  3. dpo: DPO with the SFT term (RPO) on the SFT model's own mistakes: fresh built-in tasks it answers
+     wrong (greedy), the right answer chosen over its reply -> dpo/;
   4. quantize: RTN 8-bit of the final model -> quantized/, and its GGUF (Q8_0) -> model-q8_0.gguf;
 then every stage's model is evaluated alike (exact match per held-out task, perplexity of fresh
 built-in text, size, decode speed), answers the same English and Chinese prompts, and report.md +
@@ -17,7 +18,7 @@ Examples:
   lmzoo speedrun                          # about 10 minutes on 2 CPU cores
   lmzoo speedrun --tiny --out /tmp/sr     # well under a minute: the end-to-end check the tests run
   lmzoo speedrun --out runs/sr --resume   # continue an interrupted run
-  lmzoo speedrun --out runs/sr --stages pretrain sft   # a subset (later: --resume --stages grpo quantize)
+  lmzoo speedrun --out runs/sr --stages pretrain sft   # a subset (later: --resume --stages dpo quantize)
 """
 
 from __future__ import annotations
@@ -32,19 +33,20 @@ import torch
 from lmzoo.cli.speedrun_stages import say
 from lmzoo.errors import LmzooError
 
-HELP = "the main job: pretrain, SFT, GRPO, quantize and evaluate a small LLaMA on built-in data; one report"
+HELP = "the main job: pretrain, SFT, DPO, quantize and evaluate a small LLaMA on built-in data; one report"
 
-STAGES = ("pretrain", "sft", "grpo", "quantize")
-NEEDS = {"sft": "pretrain", "grpo": "sft"}  # the stage whose final/ a stage starts from
+STAGES = ("pretrain", "sft", "dpo", "quantize")
+TRAINED = STAGES[:3]  # the stages that train a model, in order
+NEEDS = {"sft": "pretrain", "dpo": "sft"}  # the stage whose final/ a stage starts from
 ABOUT = {"pretrain": "tokenizer + pretraining on the built-in corpus",
          "sft": "supervised finetuning on the built-in instruction data",
-         "grpo": "GRPO with the built-in tasks' checkers as rewards",
+         "dpo": "DPO + SFT term on the SFT model's own mistakes",
          "quantize": "RTN int8 of the final model + GGUF Q8_0 export"}
 # The report card's rows: (label, the stage that makes it, its model, relative to the run folder).
-ROWS = (("pretrain", "pretrain", "pretrain/final"), ("sft", "sft", "sft/final"), ("grpo", "grpo", "grpo/final"),
+ROWS = (("pretrain", "pretrain", "pretrain/final"), ("sft", "sft", "sft/final"), ("dpo", "dpo", "dpo/final"),
         ("int8", "quantize", "quantized"), ("gguf q8_0", "quantize", "model-q8_0.gguf"))
 
-# The tasks SFT and GRPO train on and every stage is scored on. Not mul: at a size a tiny model learns
+# The tasks SFT and DPO train on and every stage is scored on. Not mul: at a size a tiny model learns
 # (the "small" level: 0-12) it is a table of 169 facts the training data covers, so nothing is held out.
 KINDS = ["add", "sub", "to_chinese", "from_chinese", "sort"]
 # Numbers only. "default" is what `make demo` runs; "tiny" is the test suite's. cost: seconds of one
@@ -60,8 +62,8 @@ SETTINGS = {
                    max_new_tokens=12),
         sft=dict(seq_len=128, batch_size=16, lr=3e-3, warmup=20, n_evals=4, share=0.5, cost=1.0, min_steps=40,
                  max_steps=5000),
-        grpo=dict(n_prompts=1800, batch_size=128, group_size=8, temperature=1.0, epochs=2, minibatches=2, lr=1e-4,
-                  beta=0.04, warmup=0, n_evals=4, share=0.28, cost=1.4, min_steps=8, max_steps=3000),
+        dpo=dict(n_prompts=6000, batch_size=32, lr=1e-3, beta=0.1, sft_weight=1.0, warmup=10, n_evals=4, share=0.28,
+                 cost=1.5, min_steps=8, max_steps=3000),
         sample_tokens=32, speed_tokens=64),
     "tiny": dict(
         minutes=None, threads=1,  # tiny ops: a second thread only waits
@@ -70,8 +72,7 @@ SETTINGS = {
         tasks=dict(n=300, n_eval=5, n_hook=12, level="small", kinds=KINDS, translation_fraction=0.1,
                    max_new_tokens=8),
         sft=dict(seq_len=96, batch_size=8, lr=3e-3, warmup=3, n_evals=2, steps=20),
-        grpo=dict(n_prompts=200, batch_size=16, group_size=4, temperature=1.0, epochs=1, minibatches=2, lr=1e-4,
-                  beta=0.04, warmup=0, n_evals=2, steps=6),
+        dpo=dict(n_prompts=200, batch_size=8, lr=1e-3, beta=0.1, sft_weight=1.0, warmup=1, n_evals=2, steps=6),
         sample_tokens=8, speed_tokens=8),
 }
 
@@ -126,7 +127,7 @@ def open_state(args, out: Path, setting: str, stages: list[str]) -> dict:
         if need and need not in stages and not state["stages"].get(need, {}).get("done"):
             raise LmzooError(f"--stages {stage}: it starts from {need}'s model, which {out} does not hold; "
                              f"add {need} to --stages")
-    trained = [x for x in ("pretrain", "sft", "grpo") if x in stages or state["stages"].get(x, {}).get("done")]
+    trained = [x for x in TRAINED if x in stages or state["stages"].get(x, {}).get("done")]
     if "quantize" in stages and not trained:
         raise LmzooError(f"--stages quantize: {out} holds no trained model to quantize; add pretrain to --stages")
     return state
@@ -138,7 +139,7 @@ def plan_maker(s: dict, state: dict, args, save):
     def plan(sec: float, threads: int) -> None:
         minutes = args.minutes or s["minutes"]
         steps = {}
-        for stage in ("pretrain", "sft", "grpo"):
+        for stage in TRAINED:
             sec_ = s[stage]
             if "steps" in sec_:
                 steps[stage] = sec_["steps"]
@@ -164,7 +165,7 @@ def refit(s: dict, state: dict, stage: str) -> None:
     plan = state.get("plan") or {}
     if plan.get("minutes") is None or "steps" in s[stage]:
         return  # fixed steps (tiny), or a plan made before this was kept
-    order = ["pretrain", "sft", "grpo"]
+    order = list(TRAINED)
     # a resumed stage's seconds are its last call's only: no measure of the machine
     before = [x for x in order[:order.index(stage)] if state["stages"].get(x, {}).get("done")
               and not state["stages"][x].get("resumed")]
@@ -198,7 +199,7 @@ def _run(args, s: dict) -> int:
     if "plan" in state:
         torch.set_num_threads(state["plan"]["threads"])
     funcs = {"pretrain": lambda: st.pretrain(s, out, state, args, plan_maker(s, state, args, save)),
-             "sft": lambda: st.sft(s, out, state, args), "grpo": lambda: st.grpo(s, out, state, args),
+             "sft": lambda: st.sft(s, out, state, args), "dpo": lambda: st.dpo(s, out, state, args),
              "quantize": lambda: st.quantize(s, out, state, args)}
     say(f"lmzoo speedrun ({setting} setting) -> {out}")
     t_run = time.perf_counter()
@@ -208,7 +209,7 @@ def _run(args, s: dict) -> int:
             say(f"[{i}/{len(stages)}] {stage}: done in an earlier call ({done['seconds']:.0f} s), kept")
             continue
         say(f"[{i}/{len(stages)}] {stage}: {ABOUT[stage]} -> {out / ('quantized' if stage == 'quantize' else stage)}")
-        if stage in ("sft", "grpo") and not done.get("started"):  # a started stage keeps its steps (checkpoints)
+        if stage in ("sft", "dpo") and not done.get("started"):  # a started stage keeps its steps (checkpoints)
             refit(s, state, stage)
         state["stages"][stage] = {"started": True}  # a later --resume continues it from its checkpoints
         save()

@@ -4,7 +4,7 @@ speedrun.png, read from the run's state.json and each stage's metrics.jsonl:
   report card   held-out exact match per task, for every stage's model (grouped bars)
   pretraining   train and validation loss against the step, the unigram baseline dashed
   SFT           train loss on the answers, held-out accuracy at each evaluation
-  GRPO          mean rollout reward, KL to the SFT model, held-out accuracy
+  DPO           training loss, held-out pairs' reward margin, held-out accuracy
   time          seconds per stage (training and evaluation)
   size / speed  the weights' bytes and greedy decode tokens/s of each model
 
@@ -44,7 +44,7 @@ def plot(out: Path, state: dict) -> Path | None:
         return None
     evals, stages = ordered(state)
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5), dpi=100)
-    (card, pre, sft), (grpo, times, size) = axes
+    (card, pre, sft), (dpo, times, size) = axes
 
     labels = list(evals)
     kinds = sorted({k for e in evals.values() for k in e["exact_match"]})
@@ -72,14 +72,14 @@ def plot(out: Path, state: dict) -> Path | None:
     acc.set_ylim(0, 1), acc.set_ylabel("exact match")
     sft.legend(loc="upper left", fontsize=8), acc.legend(loc="upper right", fontsize=8)
 
-    rows = _metrics(out / "grpo" / "metrics.jsonl")
-    grpo.plot(*_series(rows, "train", "reward/mean"), label="rollout reward")
-    grpo.plot(*_series(rows, "eval", "accuracy"), "s-", color="tab:green", label="held-out exact match")
-    grpo.set_ylim(0, 1), grpo.set_xlabel("step"), grpo.set_title("GRPO")
-    kl = grpo.twinx()
-    kl.plot(*_series(rows, "train", "kl"), color="tab:red", alpha=0.6, label="KL to the SFT model")
-    kl.set_ylabel("KL")
-    grpo.legend(loc="upper left", fontsize=8), kl.legend(loc="upper right", fontsize=8)
+    rows = _metrics(out / "dpo" / "metrics.jsonl")
+    dpo.plot(*_series(rows, "train", "loss"), alpha=0.7, label="train loss (DPO + SFT term)")
+    dpo.plot(*_series(rows, "eval", "rewards/margins"), "o-", label="held-out pairs' reward margin")
+    dpo.set_xlabel("step"), dpo.set_title("DPO on the SFT model's mistakes")
+    acc = dpo.twinx()
+    acc.plot(*_series(rows, "eval", "accuracy"), "s-", color="tab:green", label="held-out exact match")
+    acc.set_ylim(0, 1), acc.set_ylabel("exact match")
+    dpo.legend(loc="upper left", fontsize=8), acc.legend(loc="upper right", fontsize=8)
 
     names = [x for x in stages if stages[x].get("done")]
     train_s = [stages[x]["seconds"] for x in names]
@@ -149,7 +149,7 @@ def changes(state: dict) -> list[tuple[str, str, dict]]:
 
     evals, stages = ordered(state)
     source = stages.get("quantize", {}).get("source")
-    before = {"sft": "pretrain", "grpo": "sft", "int8": source, "gguf q8_0": source}
+    before = {"sft": "pretrain", "dpo": "sft", "int8": source, "gguf q8_0": source}
     bits = lambda e: [c == "1" for k in sorted(e["right"]) for c in e["right"][k]]  # noqa: E731
     return [(label, before[label], paired_change(bits(evals[before[label]]), bits(e)))
             for label, e in evals.items() if before.get(label) in evals and "right" in e
@@ -183,7 +183,7 @@ def write_report(out: Path, state: dict, s: dict) -> Path:
                        for x, r in plan.get("refit", {}).items()) + ".", "",
              "## Report card", "",
              f"Greedy answers to held-out built-in tasks (level {t['level']}; never among SFT's conversations "
-             f"or GRPO's prompts; {', '.join(f'{k} {n}' for k, n in n_tasks.items())}), scored by value; "
+             f"or DPO's tasks; {', '.join(f'{k} {n}' for k, n in n_tasks.items())}), scored by value; "
              "perplexity of fresh built-in text (documents no stage trained on); size: the weights' files "
              "(% of the float model); decode: greedy tokens/s of one sequence with lmzoo on this machine.", ""]
     lines += card_table(state) + change_table(state)
@@ -203,13 +203,14 @@ def write_report(out: Path, state: dict, s: dict) -> Path:
     if x.get("done"):
         lines.append(f"- **sft** ({x['seconds']:.0f} s): {x['steps']} steps of full finetuning on the built-in "
                      f"instruction data ({x['data']}); answers only in the loss, packed rows.")
-    x = stages.get("grpo", {})
+    x = stages.get("dpo", {})
     if x.get("done"):
-        g = s["grpo"]
-        lines.append(f"- **grpo** ({x['seconds']:.0f} s): {x['steps']} steps, G = {g['group_size']}, "
-                     f"{g['batch_size']} responses per rollout at T = {g['temperature']:g}, each rollout "
-                     f"{g['epochs']} x {g['minibatches']} steps, lr {g['lr']:g}, beta {g['beta']:g}; reward: the "
-                     f"task checkers (1 for a right answer); prompts: {x['prompts']}.")
+        d, c = s["dpo"], x["pairs"]
+        lines.append(f"- **dpo** ({x['seconds']:.0f} s): the SFT model answered {c['prompts']} fresh tasks "
+                     f"(greedy; {c['right']:.0%} right); each of its {c['pairs']} mistakes is a pair, the right "
+                     f"answer chosen over its reply (`data/dpo_pairs.jsonl`); {x['steps']} steps of "
+                     f"{d['batch_size']} pairs, DPO (beta {d['beta']:g}) + {d['sft_weight']:g} x the chosen answers' "
+                     f"NLL (RPO), lr {d['lr']:g}.")
     x = stages.get("quantize", {})
     if x.get("done"):
         lines.append(f"- **quantize** ({x['seconds']:.0f} s): RTN int8, symmetric, one scale per 32 weights, of "
@@ -232,7 +233,7 @@ def write_report(out: Path, state: dict, s: dict) -> Path:
                   f"python -c \"from llama_cpp import Llama; print(Llama('{out / 'model-q8_0.gguf'}')"
                   ".create_chat_completion([{'role': 'user', 'content': 'What is 12 + 7?'}]))\""]
     lines += ["```", "", "## Files", "",
-              "`state.json` (every number above), `tokenizer/`, `pretrain/`, `sft/`, `grpo/` (each a training run "
+              "`state.json` (every number above), `tokenizer/`, `pretrain/`, `sft/`, `dpo/` (each a training run "
               "folder: `metrics.jsonl`, plots, `checkpoints/`, `final/`), `quantized/`, `model-q8_0.gguf`.", ""]
     path = out / "report.md"
     tmp = path.with_suffix(".md.tmp")

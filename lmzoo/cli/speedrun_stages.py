@@ -3,14 +3,14 @@
   pretrain  -> RUN/tokenizer/, RUN/pretrain/  the built-in corpus, an sp-bpe tokenizer, a small LLaMA
                                               pretrained with lmzoo.train (final/: model + tokenizer)
   sft       -> RUN/sft/        lmzoo.stages.sft on the built-in instruction data, with a chat template
-  grpo      -> RUN/grpo/       lmzoo.stages.grpo, rewarded by the built-in tasks' checkers, on prompts
-               RUN/data/       drawn afresh (grpo_prompts.jsonl), its accuracy hook on held_out.jsonl
+  dpo       -> RUN/dpo/        lmzoo.stages.dpo with the SFT term, on the SFT model's greedy mistakes on
+               RUN/data/       fresh tasks (dpo_pairs.jsonl), its accuracy hook on held_out.jsonl
   quantize  -> RUN/quantized/  RTN 8-bit (symmetric, blocks of 32) of the last trained model, and
                RUN/model-q8_0.gguf, the same codes in llama.cpp's Q8_0
 
 Every training stage checkpoints into its folder, so a run killed midway resumes there at its last
 saved step (``lmzoo speedrun --resume``). ``evaluate`` scores a stage's model on the run's held-out
-tasks (never among SFT's conversations or GRPO's prompts) and on fresh built-in text.
+tasks (never among SFT's conversations or DPO's tasks) and on fresh built-in text.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 import lmzoo
-from lmzoo.errors import ConfigError
+from lmzoo.errors import ConfigError, LmzooError
 
-GRPO_SEED = 7_919  # GRPO's prompts are drawn with seed + GRPO_SEED: a draw SFT's data never makes
+FRESH_SEED = 7_919  # DPO's tasks are drawn with seed + FRESH_SEED: a draw SFT's data never makes
 
 SAMPLE_PROMPTS = {"en": ["What is 12 + 7?", "Write 58 in Chinese numerals.", "Sort ascending: 7 2 9",
                          "Translate into Chinese: Today Beijing is sunny."],
@@ -169,57 +169,89 @@ def sft(s: dict, out: Path, state: dict, args) -> dict:
     return {"steps": steps, "data": r.data_summary, "accuracy_hook": [r.accuracy_before, r.accuracy_after]}
 
 
-def grpo_prompts(s: dict, seed: int, held: dict[str, list]) -> list:
-    """GRPO's ``grpo.n_prompts`` verifiable prompts: tasks drawn afresh (kinds in turn, a seed SFT never
-    used), none of them held out. Prompts SFT trained on are allowed (at the small level SFT's 8,000
-    conversations cover most subtractions); about half are new to it. Measured over four runs: +1.8, +2.6,
-    -3.0 and 0.0 points of held-out exact match, none beyond churn (docs/speedrun.md, "Open")."""
+def fresh_tasks(s: dict, seed: int, held: dict[str, list]) -> list:
+    """DPO's ``dpo.n_prompts`` verifiable tasks: drawn afresh (kinds in turn, a seed SFT never used), none
+    of them held out. Problems SFT trained on are allowed (at the small level SFT's 8,000 conversations
+    cover most subtractions); the ones the SFT model answers right make no pair (``dpo``)."""
     from lmzoo.data.tasks import make_tasks
 
-    t, n = s["tasks"], s["grpo"]["n_prompts"]
+    t, n = s["tasks"], s["dpo"]["n_prompts"]
     banned = {task.prompt for ts in held.values() for task in ts}
-    drawn = [task for task in make_tasks(t["kinds"], 2 * n, seed=GRPO_SEED + seed, level=t["level"])
+    drawn = [task for task in make_tasks(t["kinds"], 2 * n, seed=FRESH_SEED + seed, level=t["level"])
              if task.prompt not in banned]
     return drawn[:n]
 
 
-def write_tasks(path: Path, tasks) -> Path:
-    """Verifiable prompt records (``lmzoo grpo --data`` / ``--held-out``), written whole or not at all."""
+def write_records(path: Path, records: list[dict]) -> Path:
+    """A JSONL file (``lmzoo dpo --data`` / ``--held-out`` records), written whole or not at all."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps({"prompt": t.prompt, "kind": t.kind, "answer": t.answer, "lang": t.lang},
-                                      ensure_ascii=False) + "\n" for t in tasks), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     os.replace(tmp, path)
     return path
 
 
-def grpo(s: dict, out: Path, state: dict, args) -> dict:
-    from lmzoo.stages.grpo import run_grpo
+def write_tasks(path: Path, tasks) -> Path:
+    """Verifiable task records ({prompt, kind, answer, lang})."""
+    return write_records(path, [{"prompt": t.prompt, "kind": t.kind, "answer": t.answer, "lang": t.lang}
+                                for t in tasks])
 
-    sec, steps = s["grpo"], state["plan"]["steps"]["grpo"]
+
+def mistake_pairs(s: dict, out: Path, seed: int, held: dict[str, list]) -> tuple[Path, dict]:
+    """(RUN/data/dpo_pairs.jsonl, counts): the SFT model's greedy reply to each fresh task, and for each
+    one it gets wrong the right answer chosen over that reply (the on-policy pairs of Iterative RPO, Pang
+    et al. 2024). Greedy, so the rejected answers are the mistakes the report card counts, and a rerun
+    (--resume) makes the same pairs. An empty reply (nothing to push down) gets a rule-made near miss."""
+    import random
+
+    from lmzoo.data.builtin_preference import wrong_answer
+    from lmzoo.data.tasks import check
+    from lmzoo.eval.model import EvalModel
+
+    tasks = fresh_tasks(s, seed, held)
+    replies = EvalModel.from_dir(out / "sft" / "final").replies([t.prompt for t in tasks],
+                                                                 max_new_tokens=s["tasks"]["max_new_tokens"])
+    r = random.Random(seed)
+    wrong = [(t, x) for t, x in zip(tasks, replies) if not check(t, x)]
+    records = [{"prompt": t.prompt, "chosen": t.answer, "rejected": x if x.strip() else wrong_answer(t, r)}
+               for t, x in wrong]
+    counts = {"prompts": len(tasks), "right": 1 - len(wrong) / len(tasks), "pairs": len(records),
+              "empty": sum(1 for _, x in wrong if not x.strip())}
+    if len(records) < 2 * s["dpo"]["batch_size"]:
+        raise LmzooError(f"speedrun dpo: the SFT model answers {len(tasks) - len(wrong)} of {len(tasks)} fresh tasks "
+                         f"right, leaving {len(records)} mistakes to learn from (fewer than two batches of "
+                         f"{s['dpo']['batch_size']}); raise dpo.n_prompts")
+    return write_records(out / "data" / "dpo_pairs.jsonl", records), counts
+
+
+def dpo(s: dict, out: Path, state: dict, args) -> dict:
+    from lmzoo.stages.dpo import run_dpo
+
+    sec, steps = s["dpo"], state["plan"]["steps"]["dpo"]
     held = held_out_tasks(s, args.seed)
     by_turn = [ts[k] for k in range(max(map(len, held.values()))) for ts in held.values() if k < len(ts)]
-    data = out / "data"
-    cfg = {"data": {"batch_size": sec["batch_size"],
-                    "files": [str(write_tasks(data / "grpo_prompts.jsonl", grpo_prompts(s, args.seed, held)))],
-                    "held_out": str(write_tasks(data / "held_out.jsonl", by_turn))},  # the hook: kinds in turn
-           "rollout": {"group_size": sec["group_size"], "max_new_tokens": s["tasks"]["max_new_tokens"],
-                       "temperature": sec["temperature"], "epochs": sec["epochs"], "minibatches": sec["minibatches"]},
-           "reward": {"spec": "task:all"}, "loss": {"beta": sec["beta"]},
-           "eval": {"n": s["tasks"]["n_hook"], "max_new_tokens": s["tasks"]["max_new_tokens"], "samples": 4},
+    t0 = time.perf_counter()
+    pairs, counts = mistake_pairs(s, out, args.seed, held)
+    say(f"  the SFT model's greedy replies to {counts['prompts']} fresh tasks: {counts['right']:.0%} right, "
+        f"{counts['pairs']} mistakes -> {pairs.name}"
+        + (f" ({counts['empty']} empty replies, each paired with a near miss)" if counts["empty"] else "")
+        + f" ({time.perf_counter() - t0:.0f} s)")
+    cfg = {"data": {"files": [str(pairs)], "batch_size": sec["batch_size"], "max_len": 128, "val_fraction": 0.02,
+                    "held_out": str(write_tasks(out / "data" / "held_out.jsonl", by_turn))},  # the hook: kinds in turn
+           "loss": {"name": "sigmoid", "beta": sec["beta"], "sft_weight": sec["sft_weight"]},
+           "eval": {"n": s["tasks"]["n_hook"], "max_new_tokens": s["tasks"]["max_new_tokens"]},
            "train": train_section(sec, steps, args)}
-    say(f"  {steps} steps: G={sec['group_size']}, {sec['batch_size']} responses per rollout, each rollout "
-        f"{sec['epochs']} pass(es) x {sec['minibatches']} minibatch(es), lr {sec['lr']:g}, beta {sec['beta']:g}")
-    r = run_grpo(cfg, out / "sft" / "final", out / "grpo", resume_or_start=True, source="speedrun grpo")
-    return {"steps": steps, "prompts": r.data_summary,
-            "accuracy_hook": [r.before.get("accuracy"), (r.after or {}).get("accuracy")]}
+    say(f"  {steps} steps of {sec['batch_size']} pairs, lr {sec['lr']:g}, beta {sec['beta']:g}, SFT term weight "
+        f"{sec['sft_weight']:g}")
+    r = run_dpo(cfg, out / "sft" / "final", out / "dpo", resume_or_start=True, source="speedrun dpo")
+    return {"steps": steps, "pairs": counts, "accuracy_hook": [r.before.get("accuracy"), (r.after or {}).get("accuracy")]}
 
 
 # -- quantization -----------------------------------------------------------------------------------
 
 
 def last_trained(out: Path) -> Path:
-    for stage in ("grpo", "sft", "pretrain"):
+    for stage in ("dpo", "sft", "pretrain"):
         if (out / stage / "final" / "config.json").is_file():
             return out / stage / "final"
     raise ConfigError(f"{out}: no trained model to quantize (run pretrain first)")
@@ -249,7 +281,7 @@ def quantize(s: dict, out: Path, state: dict, args) -> dict:
 
 def held_out_tasks(s: dict, seed: int) -> dict[str, list]:
     """``tasks.n_eval`` held-out tasks of each kind, none of whose prompts is among SFT's conversations
-    (GRPO's prompts are drawn without them: ``grpo_prompts``), drawn with seeds training never uses."""
+    (DPO's tasks are drawn without them: ``fresh_tasks``), drawn with seeds training never uses."""
     from lmzoo.data.instructions import builtin_sft_data
     from lmzoo.data.tasks import make_tasks
     from lmzoo.eval.suite import EVAL_SEED

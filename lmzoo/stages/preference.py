@@ -37,7 +37,7 @@ from lmzoo.train import TrainConfig
 from lmzoo.train.distributed import setup
 
 SECTIONS = {"data": {"files", "format", "template", "max_len", "max_prompt_len", "batch_size", "overflow",
-                     "val_fraction", "builtin"},
+                     "val_fraction", "builtin", "held_out"},
             "loss": {"name", "beta", "label_smoothing", "gamma", "center", "sft_weight", "desirable_weight",
                      "undesirable_weight"},
             "lora": {"enabled", "qlora", "r", "alpha", "dropout", "targets", "rslora"},
@@ -62,6 +62,9 @@ def check_config(cfg: dict, source: str = "config") -> None:
         v = builtin.get(key, low + 1)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < low or (key == "samples" and v != int(v)):
             raise ConfigError(f"{source}: data.builtin.{key} must be {'an integer ≥ 1' if low else '≥ 0'}, got {v!r}")
+    if data.get("held_out") and not data.get("files"):
+        raise ConfigError(f"{source}: data.held_out is for pairs from files (--data); the built-in pairs hold out "
+                          "their own tasks")
     beta = (cfg.get("loss") or {}).get("beta")
     if beta is not None and (not isinstance(beta, (int, float)) or beta <= 0):
         raise ConfigError(f"{source}: loss.beta must be a positive number, got {beta!r}")
@@ -69,7 +72,7 @@ def check_config(cfg: dict, source: str = "config") -> None:
 
 def preference_pairs(data: dict, seed: int, sample=None):
     """(train pairs, held-out pairs, held-out tasks or None, a note on how they were made): files split
-    by val_fraction, or built-in. Built-in rejected answers are rule-made near misses
+    by val_fraction (the tasks: ``data.held_out``'s verifiable records, if given), or built-in. Built-in rejected answers are rule-made near misses
     (``builtin.rejected: rule``) or the model's own wrong replies (``policy``): ``sample(tasks, seed)``
     gives ``builtin.samples`` replies per task, and a held-out task the model always answers right
     keeps a rule-made wrong answer, so every held-out task has a pair."""
@@ -78,9 +81,12 @@ def preference_pairs(data: dict, seed: int, sample=None):
     from lmzoo.data.sft import split_conversations
 
     if data.get("files"):
+        from lmzoo.stages.rl import held_out_tasks
+
         pairs = [p for f in data["files"] for p in read_pairs(f, fmt=data.get("format"))]
         train, val = split_conversations(pairs, float(data.get("val_fraction", 0.05)), seed)
-        return train, val, None, ""
+        tasks = held_out_tasks(data["held_out"]) if data.get("held_out") else None  # greedy accuracy as it trains
+        return train, val, tasks, ""
     opts = {**BUILTIN_DEFAULTS, "seed": seed, **(data.get("builtin") or {})}
     built = builtin_preference_data(n=opts["n"], seed=opts["seed"], lang=opts["lang"], level=opts["level"],
                                     n_eval=opts["n_eval"], kinds=opts["kinds"])

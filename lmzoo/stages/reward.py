@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 import lmzoo
+from lmzoo.errors import ConfigError
 from lmzoo.stages import StageResult
 from lmzoo.stages.preference import (_batches, _encode, _made, _name, _over_pairs, _pad_id,
                                      _prepare, _records, policy_sampler, preference_pairs)
@@ -23,6 +24,9 @@ def run_reward(cfg: dict, model_dir, out_dir, *, resume: bool = False, resume_or
     from lmzoo.objectives.preference import reward_loss, reward_metrics
     from lmzoo.tokenizers.chat import resolve_template, stop_ids
 
+    if (cfg.get("data") or {}).get("held_out"):  # a reward model scores pairs; it gives no answers to check
+        raise ConfigError(f"{source}: data.held_out (tasks whose greedy answers are checked) is for lmzoo dpo, not "
+                          "for a reward model")
     cfg, tcfg, out_dir, env, model, tok, fam, data, template = _prepare(cfg, model_dir, out_dir, resume,
                                                                        resume_or_start, source)
     pad = _pad_id(tok, stop_ids(tok, template), for_reward=True)

@@ -1,18 +1,18 @@
 """The speedrun's held-out tasks: balanced per kind and never among the training prompts (SFT's
-conversations, GRPO's prompts, which are drawn afresh)."""
+conversations, DPO's tasks, which are drawn afresh)."""
 
 import copy
 
 import pytest
 
 from lmzoo.cli.speedrun import SETTINGS
-from lmzoo.cli.speedrun_stages import builtin_data, grpo_prompts, held_out_tasks
+from lmzoo.cli.speedrun_stages import builtin_data, fresh_tasks, held_out_tasks
 from lmzoo.data.instructions import builtin_sft_data
 from lmzoo.errors import ConfigError
 
 
 @pytest.mark.parametrize("setting", ["tiny", "default"])
-def test_held_out_tasks_are_unseen_by_sft_and_grpo_and_balanced(setting):
+def test_held_out_tasks_are_unseen_by_sft_and_dpo_and_balanced(setting):
     s = SETTINGS[setting]
     tasks = held_out_tasks(s, seed=0)
     assert sorted(tasks) == sorted(s["tasks"]["kinds"])
@@ -24,10 +24,10 @@ def test_held_out_tasks_are_unseen_by_sft_and_grpo_and_balanced(setting):
     prompts = [t.prompt for ts in tasks.values() for t in ts]
     assert not seen & set(prompts) and len(set(prompts)) == len(prompts)
     assert all(t.kind == k for k, ts in tasks.items() for t in ts)
-    rl = grpo_prompts(s, 0, tasks)
-    assert len(rl) == s["grpo"]["n_prompts"] and not {t.prompt for t in rl} & set(prompts)
+    rl = fresh_tasks(s, 0, tasks)
+    assert len(rl) == s["dpo"]["n_prompts"] and not {t.prompt for t in rl} & set(prompts)
     assert {t.kind for t in rl} == set(s["tasks"]["kinds"])
-    if setting == "default":  # drawn afresh: many of GRPO's prompts are new to SFT (the point of the draw)
+    if setting == "default":  # drawn afresh: many of DPO's prompts are new to SFT (the point of the draw)
         assert len({t.prompt for t in rl} - seen) > 0.3 * len(rl)
 
 
@@ -45,7 +45,7 @@ def test_refit_sizes_a_later_stage_from_the_speed_the_stage_before_measured():
 
     s = SETTINGS["default"]
     sec, minutes = 0.2, 10.0
-    steps = {x: int(minutes * 60 * s[x]["share"] / (sec * s[x]["cost"])) for x in ("pretrain", "sft", "grpo")}
+    steps = {x: int(minutes * 60 * s[x]["share"] / (sec * s[x]["cost"])) for x in ("pretrain", "sft", "dpo")}
     state = {"plan": {"steps": dict(steps), "minutes": minutes, "sec_per_step": sec},
              "stages": {"pretrain": {"done": True, "seconds": 0.3 * steps["pretrain"]}}}
     refit(s, state, "sft")
@@ -53,8 +53,8 @@ def test_refit_sizes_a_later_stage_from_the_speed_the_stage_before_measured():
     assert state["plan"]["refit"]["sft"]["from"] == "pretrain"
     state["stages"]["sft"] = {"done": True, "resumed": True, "seconds": 1.0}
     before = dict(state["plan"]["steps"])
-    refit(s, state, "grpo")  # measured by pretraining again, not by the resumed SFT's last call
-    assert state["plan"]["steps"]["grpo"] == int(minutes * 60 * s["grpo"]["share"] / (0.3 * s["grpo"]["cost"]))
+    refit(s, state, "dpo")  # measured by pretraining again, not by the resumed SFT's last call
+    assert state["plan"]["steps"]["dpo"] == int(minutes * 60 * s["dpo"]["share"] / (0.3 * s["dpo"]["cost"]))
     assert before["sft"] == state["plan"]["steps"]["sft"]
     tiny = {"plan": {"steps": {"sft": 20}, "minutes": None}, "stages": {"pretrain": {"done": True, "seconds": 9}}}
     refit(SETTINGS["tiny"], tiny, "sft")

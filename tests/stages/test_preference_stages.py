@@ -151,3 +151,34 @@ def test_builtin_preference_learning_makes_the_sft_model_better(sft_sorting, tmp
     print(f"dpo: greedy answers right {policy.before['accuracy']:.2f} -> {policy.after['accuracy']:.2f}, held-out pairs "
           f"ranked right {policy.after['rewards/accuracies']:.2f}; reward model: held-out pairwise accuracy "
           f"{rm.before['accuracy']:.2f} -> {rm.after['accuracy']:.2f}", file=sys.__stderr__)
+
+
+def test_pair_files_measure_accuracy_on_a_held_out_file(tok, tmp_path, capsys):
+    """--held-out: with --data, the exact match of greedy answers to the file's verifiable tasks is measured
+    before the first step and at the end (not without it); without --data, or for a reward model, or with a
+    record that is no task, it is one clear line."""
+    import json
+
+    model_dir = lmzoo.save(tiny_decoder("llama", tok), tmp_path / "base", tokenizer=tok)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(json.dumps({"prompt": f"What is {i} + 3?", "kind": "add", "answer": str(i + 3)}) + "\n"
+                            for i in range(5)), encoding="utf-8")
+    pairs = separable_pairs(tmp_path)
+    common = ["--model", str(model_dir), "--data", str(pairs), "--steps", "2", "--batch-size", "4", "--no-progress",
+              "--set", "train.eval_every=0", "--set", "eval.n=5", "--set", "eval.max_new_tokens=4"]
+    for extra, out in ((["--held-out", str(held)], "with"), ([], "without")):
+        assert main(["dpo", *common, "--out", str(tmp_path / out), *extra]) == 0
+    evals = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+                       if json.loads(x).get("split") == "eval"]
+    assert [r["step"] for r in evals("with")] == [0, 2] and all(0 <= r["accuracy"] <= 1 for r in evals("with"))
+    assert not any("accuracy" in r for r in evals("without"))
+    (tmp_path / "plain.jsonl").write_text(json.dumps({"prompt": "Say hi."}) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    for stage, extra, message in (
+            ("dpo", ["--model", str(model_dir), "--held-out", str(held)], "data.held_out is for pairs from files"),
+            ("dpo", common[:4] + ["--held-out", str(tmp_path / "plain.jsonl")], "record 1 is not a verifiable task"),
+            ("reward", common[:4] + ["--set", f"data.held_out={held}"], "is for lmzoo dpo, not for a reward model")):
+        assert main([stage, *extra, "--out", str(tmp_path / "never"), "--steps", "1", "--no-progress"]) == 1
+        err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
+        assert len(err) == 1 and message in err[0], (stage, err)
+    assert not (tmp_path / "never").exists()
