@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml setup.py
 	touch $(STAMP)
 
 demo: $(STAMP)
-	# The main job: a small LLaMA pretrained, finetuned (SFT), trained with GRPO, quantized and exported to
+	# The main job: a small LLaMA pretrained, finetuned (SFT), aligned with DPO on its own mistakes, quantized and exported to
 	# GGUF on built-in data on the CPU, every stage evaluated, one report (about 10 minutes on 2 cores;
 	# docs/speedrun.md).
 	$(BIN)/lmzoo speedrun

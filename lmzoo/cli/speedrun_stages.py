@@ -209,8 +209,8 @@ def mistake_pairs(s: dict, out: Path, seed: int, held: dict[str, list]) -> tuple
     from lmzoo.eval.model import EvalModel
 
     tasks = fresh_tasks(s, seed, held)
-    replies = EvalModel.from_dir(out / "sft" / "final").replies([t.prompt for t in tasks],
-                                                                 max_new_tokens=s["tasks"]["max_new_tokens"])
+    replies = EvalModel.from_dir(out / "sft" / "final", batch_size=64).replies([t.prompt for t in tasks],
+                                                                                max_new_tokens=s["tasks"]["max_new_tokens"])
     r = random.Random(seed)
     wrong = [(t, x) for t, x in zip(tasks, replies) if not check(t, x)]
     records = [{"prompt": t.prompt, "chosen": t.answer, "rejected": x if x.strip() else wrong_answer(t, r)}
