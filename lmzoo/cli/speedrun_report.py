@@ -235,8 +235,6 @@ def write_report(out: Path, state: dict, s: dict) -> Path:
     lines += ["```", "", "## Files", "",
               "`state.json` (every number above), `tokenizer/`, `pretrain/`, `sft/`, `dpo/` (each a training run "
               "folder: `metrics.jsonl`, plots, `checkpoints/`, `final/`), `quantized/`, `model-q8_0.gguf`.", ""]
-    path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from lmzoo.train.atomic import write_text
+
+    return write_text(out / "report.md", "\n".join(lines))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -184,11 +183,10 @@ def fresh_tasks(s: dict, seed: int, held: dict[str, list]) -> list:
 
 def write_records(path: Path, records: list[dict]) -> Path:
     """A JSONL file (``lmzoo dpo --data`` / ``--held-out`` records), written whole or not at all."""
+    from lmzoo.train.atomic import write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def write_tasks(path: Path, tasks) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lmzoo.data.bilingual import bilingual_documents
 from lmzoo.eval.suite import EVAL_SEED, run_tasks
+from lmzoo.train.atomic import write_text
 
 BUILTIN_TEXT = "built-in"
 # the metrics each section puts in the table, in order (the others stay in results.json)
@@ -160,7 +161,7 @@ def write(out_dir: str | Path, results: list[dict], settings: dict) -> Path:
     """``results.json``, ``eval.png`` and ``report.md`` in ``out_dir`` (each written whole, then renamed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic(out_dir / "results.json", json.dumps({"models": results, "settings": settings}, indent=1,
+    write_text(out_dir / "results.json", json.dumps({"models": results, "settings": settings}, indent=1,
                                                   ensure_ascii=False))
     plotted = plot(results, out_dir / "eval.png")
     lines = ["# lmzoo eval", "", "Models: " + ", ".join(f"`{r['model']}` ({r['path']})" for r in results), "",
@@ -169,7 +170,7 @@ def write(out_dir: str | Path, results: list[dict], settings: dict) -> Path:
         lines += ["![metrics per model](eval.png)", ""]
     lines += _examples(results)
     lines += ["", "Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items() if v is not None), ""]
-    _atomic(out_dir / "report.md", "\n".join(lines))
+    write_text(out_dir / "report.md", "\n".join(lines))
     return out_dir / "results.json"
 
 
@@ -230,8 +231,3 @@ def plot(results: list[dict], path: Path) -> bool:
     tmp.replace(path)
     return True
 
-
-def _atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)

@@ -268,9 +268,9 @@ def _drop_from(path: Path, step: int) -> None:
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", -1) < step]
     if len(kept) != len(lines):
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        tmp.replace(path)
+        from lmzoo.train.atomic import write_text
+
+        write_text(path, "".join(kept))
 
 
 def reward_context(rows: list[Prompt], r) -> dict:

@@ -42,12 +42,21 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True, allow_nan=True)
-        f.write("\n")
+def write_text(path, text: str) -> Path:
+    """``text`` (UTF-8) into ``path`` whole or not at all: written beside it as ``NAME.tmp``, fsynced, then
+    renamed over it, so a reader (or a run resumed after a kill) sees the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=True, allow_nan=True) + "\n")
 
 
 def read_json(path: Path):
