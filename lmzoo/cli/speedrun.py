@@ -63,7 +63,7 @@ SETTINGS = {
         sft=dict(seq_len=128, batch_size=16, lr=3e-3, warmup=20, n_evals=4, share=0.5, cost=1.0, min_steps=40,
                  max_steps=5000),
         dpo=dict(n_prompts=6000, batch_size=32, lr=1e-3, beta=0.1, sft_weight=1.0, warmup=10, n_evals=4, share=0.28,
-                 cost=2.2, min_steps=8, max_steps=3000),  # cost: a step of 32 pairs + the greedy pass over the tasks
+                 cost=1.3, min_steps=8, max_steps=3000),  # cost: a step of 32 pairs + a share of the greedy pass
         sample_tokens=32, speed_tokens=64),
     "tiny": dict(
         minutes=None, threads=1,  # tiny ops: a second thread only waits
