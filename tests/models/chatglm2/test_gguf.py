@@ -276,13 +276,22 @@ def q8_0_activations(model):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_llamacpp_q8_0_equals_rounded_weights_and_activations(setup, llamacpp, kind):
     """llama.cpp's Q8_0 file equals lmzoo on the rounded weights with Q8_0-rounded matmul inputs; the
-    activation rounding alone moves the logits by ~0.2, so the match checks the fused layout too."""
+    activation rounding alone moves the logits by ~0.2, so the match checks the fused layout too.
+
+    The match is exact (~1e-6) up to the first activation that sits on a Q8_0 rounding edge, where the two
+    sides' float32 sums (ggml's against torch's, ~1e-7 apart) pick neighbouring integers; from that token on
+    the logits differ by ~1e-2 (measured here: seeds 0-2 of three configs first flip at token 21-61 of 78,
+    or never). So: most tokens (the median) match to 1e-4, and on average the file is 5x closer to the
+    rounded-activation model than to the weights-only one (measured 7x-180x; a wrong layout moves ~1)."""
     ref_q = logits_of(q8_0_activations(setup[kind]["model"]), setup["ids"]).numpy()
     weights_only = logits_of(rounded(setup[kind]["model"], "q8_0"), setup["ids"]).numpy()
     got = llamacpp.logits(setup[kind]["files"]["q8_0"], setup["ids"], n_threads=1)
-    diff, loose = np.abs(got - ref_q).max(), np.abs(got - weights_only).max()
-    print(f"{kind} q8_0 max|Δlogit| vs llama.cpp: {diff:.2e} with rounded activations, {loose:.2e} weights only")
-    assert diff <= 1e-4 and loose > 100 * diff
+    diff, loose = np.abs(got - ref_q), np.abs(got - weights_only)
+    per_token = diff.max(axis=1)
+    print(f"{kind} q8_0 |Δlogit| vs llama.cpp with rounded activations: median token {np.median(per_token):.2e}, "
+          f"max {diff.max():.2e}, mean {diff.mean():.2e} ({(per_token > 1e-4).sum()}/{len(per_token)} tokens "
+          f"past a rounding edge); weights only: mean {loose.mean():.2e}, max {loose.max():.2e}")
+    assert np.median(per_token) <= 1e-4 and 5 * diff.mean() < loose.mean() and diff.max() < 0.5
 
 
 # -- bad input --------------------------------------------------------------------------------------
