@@ -62,8 +62,8 @@ SETTINGS = {
                    max_new_tokens=12),
         sft=dict(seq_len=128, batch_size=16, lr=3e-3, warmup=20, n_evals=4, share=0.5, cost=1.0, min_steps=40,
                  max_steps=5000),
-        dpo=dict(n_prompts=6000, batch_size=32, lr=1e-3, beta=0.1, sft_weight=1.0, warmup=10, n_evals=4, share=0.28,
-                 cost=1.3, min_steps=8, max_steps=3000),  # cost: a step of 32 pairs + a share of the greedy pass
+        dpo=dict(n_prompts=16000, replay=2.0, max_epochs=3, batch_size=32, lr=3e-4, beta=0.1, sft_weight=1.0, warmup=10,
+                 n_evals=4, share=0.28, cost=1.3, min_steps=8, max_steps=3000),  # cost: a step of 32 pairs + a share of the greedy pass
         sample_tokens=32, speed_tokens=64),
     "tiny": dict(
         minutes=None, threads=1,  # tiny ops: a second thread only waits
@@ -72,7 +72,7 @@ SETTINGS = {
         tasks=dict(n=300, n_eval=5, n_hook=12, level="small", kinds=KINDS, translation_fraction=0.1,
                    max_new_tokens=8),
         sft=dict(seq_len=96, batch_size=8, lr=3e-3, warmup=3, n_evals=2, steps=20),
-        dpo=dict(n_prompts=200, batch_size=8, lr=1e-3, beta=0.1, sft_weight=1.0, warmup=1, n_evals=2, steps=6),
+        dpo=dict(n_prompts=200, replay=2.0, max_epochs=3, batch_size=8, lr=1e-3, beta=0.1, sft_weight=1.0, warmup=1, n_evals=2, steps=6),
         sample_tokens=8, speed_tokens=8),
 }
 

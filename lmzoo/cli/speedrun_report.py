@@ -208,7 +208,10 @@ def write_report(out: Path, state: dict, s: dict) -> Path:
         d, c = s["dpo"], x["pairs"]
         lines.append(f"- **dpo** ({x['seconds']:.0f} s): the SFT model answered {c['prompts']} fresh tasks "
                      f"(greedy; {c['right']:.0%} right); each of its {c['pairs']} mistakes is a pair, the right "
-                     f"answer chosen over its reply (`data/dpo_pairs.jsonl`); {x['steps']} steps of "
+                     f"answer chosen over its reply"
+                     + (f", and {c['replay']} of the tasks it got right are kept with a rule-made near miss as the "
+                        f"rejected answer (replay)" if c.get("replay") else "")
+                     + f" (`data/dpo_pairs.jsonl`); {x['steps']} steps of "
                      f"{d['batch_size']} pairs, DPO (beta {d['beta']:g}) + {d['sft_weight']:g} x the chosen answers' "
                      f"NLL (RPO), lr {d['lr']:g}.")
     x = stages.get("quantize", {})

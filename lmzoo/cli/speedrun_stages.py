@@ -169,15 +169,19 @@ def sft(s: dict, out: Path, state: dict, args) -> dict:
 
 
 def fresh_tasks(s: dict, seed: int, held: dict[str, list]) -> list:
-    """DPO's ``dpo.n_prompts`` verifiable tasks: drawn afresh (kinds in turn, a seed SFT never used), none
-    of them held out. Problems SFT trained on are allowed (at the small level SFT's 8,000 conversations
-    cover most subtractions); the ones the SFT model answers right make no pair (``dpo``)."""
+    """DPO's verifiable tasks: up to ``dpo.n_prompts`` distinct prompts drawn afresh (kinds in turn, a seed
+    SFT never used), none of them held out. The small level has few distinct problems (about 1,000
+    subtractions), so a prompt drawn twice is kept once: a repeat would be the same pair again, an epoch
+    the step count does not see. Problems SFT trained on are allowed (its 8,000 conversations cover most
+    subtractions); the ones the SFT model answers right make no mistake pair (``mistake_pairs``)."""
     from lmzoo.data.tasks import make_tasks
 
     t, n = s["tasks"], s["dpo"]["n_prompts"]
-    banned = {task.prompt for ts in held.values() for task in ts}
-    drawn = [task for task in make_tasks(t["kinds"], 2 * n, seed=FRESH_SEED + seed, level=t["level"])
-             if task.prompt not in banned]
+    banned, seen, drawn = {task.prompt for ts in held.values() for task in ts}, set(), []
+    for task in make_tasks(t["kinds"], 3 * n, seed=FRESH_SEED + seed, level=t["level"]):
+        if task.prompt not in banned and task.prompt not in seen:
+            seen.add(task.prompt)
+            drawn.append(task)
     return drawn[:n]
 
 
@@ -199,7 +203,10 @@ def mistake_pairs(s: dict, out: Path, seed: int, held: dict[str, list]) -> tuple
     """(RUN/data/dpo_pairs.jsonl, counts): the SFT model's greedy reply to each fresh task, and for each
     one it gets wrong the right answer chosen over that reply (the on-policy pairs of Iterative RPO, Pang
     et al. 2024). Greedy, so the rejected answers are the mistakes the report card counts, and a rerun
-    (--resume) makes the same pairs. An empty reply (nothing to push down) gets a rule-made near miss."""
+    (--resume) makes the same pairs. An empty reply (nothing to push down) gets a rule-made near miss.
+    ``dpo.replay`` × as many tasks it answers right are kept too, each with a rule-made near miss as the
+    rejected answer: without them a model right on nearly every numeral has no pair of that kind, and
+    training on the other kinds' mistakes alone unlearns it."""
     import random
 
     from lmzoo.data.builtin_preference import wrong_answer
@@ -213,12 +220,16 @@ def mistake_pairs(s: dict, out: Path, seed: int, held: dict[str, list]) -> tuple
     wrong = [(t, x) for t, x in zip(tasks, replies) if not check(t, x)]
     records = [{"prompt": t.prompt, "chosen": t.answer, "rejected": x if x.strip() else wrong_answer(t, r)}
                for t, x in wrong]
+    right = [t for t, x in zip(tasks, replies) if check(t, x)]
+    kept = r.sample(right, min(len(right), round(s["dpo"].get("replay", 0.0) * len(wrong))))
     counts = {"prompts": len(tasks), "right": 1 - len(wrong) / len(tasks), "pairs": len(records),
-              "empty": sum(1 for _, x in wrong if not x.strip())}
+              "empty": sum(1 for _, x in wrong if not x.strip()), "replay": len(kept)}
     if len(records) < 2 * s["dpo"]["batch_size"]:
         raise LmzooError(f"speedrun dpo: the SFT model answers {len(tasks) - len(wrong)} of {len(tasks)} fresh tasks "
                          f"right, leaving {len(records)} mistakes to learn from (fewer than two batches of "
                          f"{s['dpo']['batch_size']}); raise dpo.n_prompts")
+    records += [{"prompt": t.prompt, "chosen": t.answer, "rejected": wrong_answer(t, r)} for t in kept]
+    r.shuffle(records)
     return write_records(out / "data" / "dpo_pairs.jsonl", records), counts
 
 
@@ -231,9 +242,17 @@ def dpo(s: dict, out: Path, state: dict, args) -> dict:
     t0 = time.perf_counter()
     pairs, counts = mistake_pairs(s, out, args.seed, held)
     say(f"  the SFT model's greedy replies to {counts['prompts']} fresh tasks: {counts['right']:.0%} right, "
-        f"{counts['pairs']} mistakes -> {pairs.name}"
+        f"{counts['pairs']} mistakes"
         + (f" ({counts['empty']} empty replies, each paired with a near miss)" if counts["empty"] else "")
-        + f" ({time.perf_counter() - t0:.0f} s)")
+        + (f" + {counts['replay']} right answers over near misses" if counts["replay"] else "")
+        + f" -> {pairs.name} ({time.perf_counter() - t0:.0f} s)")
+    n_pairs = counts["pairs"] + counts["replay"]
+    if "max_epochs" in sec:  # the pairs are few when SFT went well: more passes over them overfit
+        cap = max(sec.get("min_steps", 1), math.ceil(sec["max_epochs"] * n_pairs * (1 - 0.02) / sec["batch_size"]))
+        if cap < steps:
+            say(f"  {steps} planned steps would pass over the pairs {steps * sec['batch_size'] / n_pairs:.1f} times: "
+                f"{cap} steps ({sec['max_epochs']:g} passes)")
+            steps = state["plan"]["steps"]["dpo"] = cap
     cfg = {"data": {"files": [str(pairs)], "batch_size": sec["batch_size"], "max_len": 128, "val_fraction": 0.02,
                     "held_out": str(write_tasks(out / "data" / "held_out.jsonl", by_turn))},  # the hook: kinds in turn
            "loss": {"name": "sigmoid", "beta": sec["beta"], "sft_weight": sec["sft_weight"]},

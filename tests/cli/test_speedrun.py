@@ -96,7 +96,10 @@ def test_tiny_speedrun_killed_in_dpo_resumes_there_and_reports_every_stage(tmp_p
 
     held = {json.loads(x)["prompt"] for x in (out / "data" / "held_out.jsonl").read_text().splitlines()}
     pairs = [json.loads(x) for x in (out / "data" / "dpo_pairs.jsonl").read_text().splitlines()]
-    assert len(held) == 25 and len(pairs) == state["stages"]["dpo"]["pairs"]["pairs"] >= 16
+    counts = state["stages"]["dpo"]["pairs"]
+    assert len(held) == 25 and counts["pairs"] >= 16
+    assert counts["replay"] == min(counts["prompts"] - counts["pairs"], 2 * counts["pairs"])  # right answers, replay 2
+    assert len(pairs) == counts["pairs"] + counts["replay"]
     assert not held & {r["prompt"] for r in pairs}
     for r in pairs:
         assert r["chosen"] != r["rejected"] and r["rejected"].strip(), r

@@ -25,7 +25,8 @@ def test_held_out_tasks_are_unseen_by_sft_and_dpo_and_balanced(setting):
     assert not seen & set(prompts) and len(set(prompts)) == len(prompts)
     assert all(t.kind == k for k, ts in tasks.items() for t in ts)
     rl = fresh_tasks(s, 0, tasks)
-    assert len(rl) == s["dpo"]["n_prompts"] and not {t.prompt for t in rl} & set(prompts)
+    assert len({t.prompt for t in rl}) == len(rl) and not {t.prompt for t in rl} & set(prompts)  # distinct, unseen
+    assert len(rl) == (s["dpo"]["n_prompts"] if setting == "tiny" else 13439)  # the small level's distinct problems
     assert {t.kind for t in rl} == set(s["tasks"]["kinds"])
     if setting == "default":  # drawn afresh: many of DPO's prompts are new to SFT (the point of the draw)
         assert len({t.prompt for t in rl} - seen) > 0.3 * len(rl)
