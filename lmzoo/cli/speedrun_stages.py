@@ -217,11 +217,12 @@ def mistake_pairs(s: dict, out: Path, seed: int, held: dict[str, list]) -> tuple
     replies = EvalModel.from_dir(out / "sft" / "final", batch_size=64).replies([t.prompt for t in tasks],
                                                                                 max_new_tokens=s["tasks"]["max_new_tokens"])
     r = random.Random(seed)
-    wrong = [(t, x) for t, x in zip(tasks, replies) if not check(t, x)]
+    ok = [check(t, x) for t, x in zip(tasks, replies)]
+    wrong = [(t, x) for t, x, y in zip(tasks, replies, ok) if not y]
     records = [{"prompt": t.prompt, "chosen": t.answer, "rejected": x if x.strip() else wrong_answer(t, r)}
                for t, x in wrong]
-    right = [t for t, x in zip(tasks, replies) if check(t, x)]
-    kept = r.sample(right, min(len(right), round(s["dpo"].get("replay", 0.0) * len(wrong))))
+    right = [t for t, y in zip(tasks, ok) if y]
+    kept = r.sample(right, min(len(right), round(s["dpo"]["replay"] * len(wrong))))
     counts = {"prompts": len(tasks), "right": 1 - len(wrong) / len(tasks), "pairs": len(records),
               "empty": sum(1 for _, x in wrong if not x.strip()), "replay": len(kept)}
     if len(records) < 2 * s["dpo"]["batch_size"]:
@@ -246,14 +247,15 @@ def dpo(s: dict, out: Path, state: dict, args) -> dict:
         + (f" ({counts['empty']} empty replies, each paired with a near miss)" if counts["empty"] else "")
         + (f" + {counts['replay']} right answers over near misses" if counts["replay"] else "")
         + f" -> {pairs.name} ({time.perf_counter() - t0:.0f} s)")
-    n_pairs = counts["pairs"] + counts["replay"]
-    if "max_epochs" in sec:  # the pairs are few when SFT went well: more passes over them overfit
-        cap = max(sec.get("min_steps", 1), math.ceil(sec["max_epochs"] * n_pairs * (1 - 0.02) / sec["batch_size"]))
-        if cap < steps:
-            say(f"  {steps} planned steps would pass over the pairs {steps * sec['batch_size'] / n_pairs:.1f} times: "
-                f"{cap} steps ({sec['max_epochs']:g} passes)")
-            steps = state["plan"]["steps"]["dpo"] = cap
-    cfg = {"data": {"files": [str(pairs)], "batch_size": sec["batch_size"], "max_len": 128, "val_fraction": 0.02,
+    n_pairs, val_fraction = counts["pairs"] + counts["replay"], 0.02
+    # the pairs are few when SFT went well: more passes over them overfit
+    cap = max(sec.get("min_steps", 1),
+              math.ceil(sec["max_epochs"] * n_pairs * (1 - val_fraction) / sec["batch_size"]))
+    if cap < steps:
+        say(f"  {steps} planned steps would pass over the pairs {steps * sec['batch_size'] / n_pairs:.1f} times: "
+            f"{cap} steps ({sec['max_epochs']:g} passes)")
+        steps = state["plan"]["steps"]["dpo"] = cap
+    cfg = {"data": {"files": [str(pairs)], "batch_size": sec["batch_size"], "max_len": 128, "val_fraction": val_fraction,
                     "held_out": str(write_tasks(out / "data" / "held_out.jsonl", by_turn))},  # the hook: kinds in turn
            "loss": {"name": "sigmoid", "beta": sec["beta"], "sft_weight": sec["sft_weight"]},
            "eval": {"n": s["tasks"]["n_hook"], "max_new_tokens": s["tasks"]["max_new_tokens"]},
