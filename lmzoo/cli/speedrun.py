@@ -7,7 +7,8 @@ Nothing is downloaded; everything lands in the run folder (--out), one sub-folde
   2. sft: supervised finetuning on lmzoo's built-in instruction data (arithmetic, Chinese numerals,
      sorting, translations) with a chat template -> sft/;
   3. dpo: DPO with the SFT term (RPO) on the SFT model's own mistakes: fresh built-in tasks it answers
-     wrong (greedy), the right answer chosen over its reply -> dpo/;
+     wrong (greedy), the right answer chosen over its reply, with twice as many it answers right
+     replayed against rule-made near misses -> dpo/;
   4. quantize: RTN 8-bit of the final model -> quantized/, and its GGUF (Q8_0) -> model-q8_0.gguf;
 then every stage's model is evaluated alike (exact match per held-out task, perplexity of fresh
 built-in text, size, decode speed), answers the same English and Chinese prompts, and report.md +
